@@ -1,0 +1,141 @@
+"""Small pieces every stage uses: the one error type, atomic stage outputs, device/dtype choice, model loading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pipeline")
+
+COMPLETE_MARKER = ".complete"
+
+
+class PipelineError(Exception):
+    """Bad input or a failed check: reported as one line, no traceback (unless `debug=true`)."""
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike):
+    """Build a stage output in a temporary sibling directory and publish it by rename.
+
+    The completion marker is written last, then the directory is renamed into place, so a stage that dies midway
+    leaves only a `*.tmp-*` directory that nothing ever reads as a finished output.
+    """
+    final = Path(final)
+    if final.exists():
+        raise PipelineError(f"{final}: output directory already exists; refusing to overwrite it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device={device} but CUDA is not available on this machine (use device=cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 matmuls are ~4x slower there) and bf16 on a GPU that supports it."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise PipelineError(f"model.dtype={dtype!r} is not one of auto, {', '.join(table)}")
+    if device.type == "cpu" and table[dtype] != torch.float32:
+        log.warning("model.dtype=%s on CPU: training in float32 instead (half precision is slow and lossy on CPU)",
+                    dtype)
+        return torch.float32
+    return table[dtype]
+
+
+def check_model_dir(path: str | os.PathLike, key: str = "model.path") -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise PipelineError(f"{key}={path}: no such directory (expected a local Hugging Face checkpoint)")
+    if not (p / "config.json").is_file():
+        raise PipelineError(f"{key}={path}: no config.json in this directory; not a Hugging Face checkpoint")
+    return p
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise PipelineError(f"{path}: the tokenizer has no eos_token; CPT needs one to separate documents")
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of the loss and attention, so reusing EOS as pad is harmless.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model.to(device)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def training_arguments(cls, stage_cfg, out_dir, device: torch.device, dtype: torch.dtype, seed: int, **extra):
+    """TrainingArguments (or TRL's SFTConfig) from a LoRA stage section; nothing is saved or reported mid-run."""
+    return cls(
+        output_dir=str(out_dir),
+        num_train_epochs=stage_cfg.num_epochs,
+        max_steps=stage_cfg.max_steps,
+        per_device_train_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.gradient_accumulation_steps,
+        learning_rate=stage_cfg.learning_rate,
+        weight_decay=stage_cfg.weight_decay,
+        warmup_steps=stage_cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps (transformers 5)
+        lr_scheduler_type=stage_cfg.lr_scheduler,
+        logging_steps=stage_cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",  # no wandb/tensorboard/comet: the pipeline never phones home
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+        **extra,
+    )
+
+
+def count_trainable(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

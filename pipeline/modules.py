@@ -1,0 +1,142 @@
+"""`target_modules` presets, resolved to each architecture's own module names.
+
+Presets: attn (q,k,v,o), mlp (gate,up,down), attn_mlp, attn_mlp_embed (attn_mlp plus embed_tokens and lm_head, the
+seed's CPT setting). Embedding and output layers are never given LoRA: like unsloth, they go to `modules_to_save` and
+are trained in full. With tied embeddings only the input embedding is saved and PEFT re-ties the head to it
+(`ensure_weight_tying`); LoRA on a tied embed/lm_head merges wrongly (both deltas land in the one shared tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .common import PipelineError
+
+_LLAMA_STYLE = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "embed": "embed_tokens",
+    "lm_head": "lm_head",
+}
+# model_type → module names. llm-jp-3 is model_type "llama"; Qwen, Gemma and Mistral use the same names.
+FAMILIES: Dict[str, Dict[str, Any]] = {
+    **{t: _LLAMA_STYLE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+                                 "olmo2", "granite", "cohere")},
+    "phi3": {"attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"], "embed": "embed_tokens",
+             "lm_head": "lm_head"},
+    "gpt_neox": {"attn": ["query_key_value", "dense"], "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
+                 "embed": "embed_in", "lm_head": "embed_out"},  # embed/head names are read off the model anyway
+}
+PRESETS = {
+    "attn": ("attn",),
+    "mlp": ("mlp",),
+    "attn_mlp": ("attn", "mlp"),
+    "attn_mlp_embed": ("attn", "mlp", "embed", "lm_head"),
+}
+
+
+@dataclass
+class Targets:
+    lora: List[str]  # module names that get LoRA
+    modules_to_save: List[str]  # trained in full (embeddings / head)
+    tied: bool  # the model shares one tensor between input embeddings and the head
+    ensure_weight_tying: bool  # ask PEFT to keep the head tied to the trained embedding copy
+
+    @property
+    def trains_embeddings(self) -> bool:
+        return bool(self.modules_to_save)
+
+
+def _leaf_name_of(model: nn.Module, module: Optional[nn.Module], default: str) -> str:
+    for name, m in model.named_modules():
+        if m is module and name:
+            return name.rsplit(".", 1)[-1]
+    return default
+
+
+def module_names(model: nn.Module, override: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The architecture's names for attn/mlp/embed/lm_head (model.modules overrides them key by key).
+
+    Embedding and head names come from the model itself (get_input/output_embeddings), attn/mlp from FAMILIES.
+    """
+    model_type = getattr(model.config, "model_type", "")
+    names = dict(FAMILIES.get(model_type, _LLAMA_STYLE))
+    names["embed"] = _leaf_name_of(model, model.get_input_embeddings(), names["embed"])
+    names["lm_head"] = _leaf_name_of(model, model.get_output_embeddings(), names["lm_head"])
+    for k, v in (override or {}).items():
+        if k not in ("attn", "mlp", "embed", "lm_head"):
+            raise PipelineError(f"model.modules.{k}: unknown group (attn, mlp, embed, lm_head)")
+        names[k] = list(v) if k in ("attn", "mlp") else str(v)
+    return names
+
+
+def is_tied(model: nn.Module) -> bool:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _leaf_names(model: nn.Module, kinds: tuple) -> List[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kinds)})
+
+
+def resolve_targets(spec: Any, model: nn.Module, override: Optional[Dict[str, Any]] = None,
+                    key: str = "target_modules") -> Targets:
+    names = module_names(model, override)
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise PipelineError(f"{key}={spec!r}: unknown preset; use one of {', '.join(PRESETS)} or a list of "
+                                f"module names")
+        wanted: List[str] = []
+        for group in PRESETS[spec]:
+            wanted += names[group] if group in ("attn", "mlp") else [names[group]]
+    else:
+        wanted = [str(x) for x in spec]
+        if not wanted:
+            raise PipelineError(f"{key}: empty list")
+
+    full_train = {names["embed"], names["lm_head"]}
+    lora = [w for w in wanted if w not in full_train]
+    save = [w for w in wanted if w in full_train]
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    available = sorted(set(_leaf_names(model, (nn.Linear,))) - full_train) + sorted(full_train)
+    for w in lora + save:
+        if w not in present:
+            raise PipelineError(
+                f"{key}: module {w!r} does not exist in this {model.config.model_type} model; available: "
+                f"{', '.join(available)}"
+            )
+    tied = is_tied(model)
+    if tied and save:
+        # One shared tensor: train the input embedding copy and re-tie the head to it.
+        save = [names["embed"]]
+    return Targets(lora=lora, modules_to_save=save, tied=tied, ensure_weight_tying=tied and bool(save))
+
+
+def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
+    """The architecture without weights (meta device): validates module names in milliseconds, even for 13B."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets.lora,
+        modules_to_save=targets.modules_to_save or None,
+        ensure_weight_tying=targets.ensure_weight_tying,
+        use_rslora=use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

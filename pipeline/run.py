@@ -1,0 +1,207 @@
+"""The pipeline entry point: compose conf/ with Hydra and run CPT → merge → SFT → eval.
+
+    python -m pipeline.run                                   # the offline demo, all four stages
+    python -m pipeline.run stages=[cpt,merge]                # a prefix of the chain
+    python -m pipeline.run stages=[sft,eval] inputs.cpt_model=outputs/runs/<run>/cpt_model
+    python -m pipeline.run -m cpt.lora_alpha=32,128 sft.lora_alpha=8,32 sft.target_modules=attn_mlp,attn
+
+Each stage is a plain function of its config section and input paths that returns its output path; this file only
+decides which stages run, checks every input before any training starts, and writes the run's summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import pipeline  # noqa: F401  (sets the offline environment before any Hugging Face import)
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .common import PipelineError, check_model_dir, is_complete, write_json
+from .config import flat_config, typed
+
+log = logging.getLogger("pipeline.run")
+
+STAGES = ("cpt", "merge", "sft", "eval")
+# What each stage consumes, and the inputs.* key that supplies it when the producing stage is not run.
+NEEDS = {"merge": "cpt_adapter", "sft": "cpt_model"}
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import datasets
+    import transformers
+
+    # transformers 5 renamed gradient_checkpointing; TRL and PEFT still use the old name internally.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # per-load "Loading weights" bars; training progress stays
+    datasets.disable_progress_bars()
+
+
+def _stage_list(cfg: DictConfig) -> list:
+    stages = list(cfg.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise PipelineError(f"stages={stages}: use a non-empty subset of {list(STAGES)}")
+    if stages != [s for s in STAGES if s in stages]:
+        raise PipelineError(f"stages={stages}: stages run in the order {list(STAGES)}")
+    return stages
+
+
+def _require(path: Optional[str], key: str, stage: str) -> str:
+    """The completed output directory that `stage` reads (from this run, or from inputs.<key>)."""
+    producer = {"cpt_adapter": "cpt", "cpt_model": "merge", "sft_adapter": "sft"}[key]
+    if not path:
+        raise PipelineError(f"stage {stage} needs a {key.replace('_', ' ')}: add {producer} to stages or set "
+                            f"inputs.{key}=PATH")
+    if not Path(path).is_dir():
+        raise PipelineError(f"inputs.{key}={path}: no such directory")
+    if not is_complete(path):
+        raise PipelineError(f"inputs.{key}={path}: not a completed stage output (no .complete marker)")
+    return path
+
+
+def validate(cfg: DictConfig, stages: list) -> None:
+    """Check every input the requested stages will read, so bad input fails before minutes of training."""
+    from .data import load_cpt_documents, load_qa, load_sft_records
+    from .modules import meta_model, resolve_targets
+    from .scoring import HEADLINE_METRICS
+
+    model_cfg, data_cfg, ev = typed(cfg, "model"), typed(cfg, "data"), typed(cfg, "eval")
+    for s in ("cpt", "merge", "sft"):
+        typed(cfg, s)
+    if "cpt" in stages:
+        load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
+    if "sft" in stages:
+        load_sft_records(data_cfg.sft.path)
+    if "eval" in stages:
+        load_qa(data_cfg.qa.path)
+        if ev.headline_metric not in HEADLINE_METRICS:
+            raise PipelineError(f"eval.headline_metric={ev.headline_metric!r}: use one of "
+                                f"{', '.join(HEADLINE_METRICS)}")
+        bad = [m for m in ev.models if m not in ("base", "cpt", "sft")]
+        if bad:
+            raise PipelineError(f"eval.models: unknown model(s) {bad}; use base, cpt, sft")
+    for key in ("cpt_adapter", "cpt_model", "sft_adapter"):
+        if cfg.inputs.get(key):
+            _require(cfg.inputs.get(key), key, "eval")
+    for stage, key in NEEDS.items():
+        if stage in stages and STAGES[STAGES.index(stage) - 1] not in stages:
+            _require(cfg.inputs.get(key), key, stage)
+    if not (model_cfg.build_demo_if_missing and not Path(model_cfg.path).exists()):
+        check_model_dir(model_cfg.path)
+        meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
+        if "cpt" in stages:
+            resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
+        if "sft" in stages:
+            resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
+
+
+def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
+    """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
+    from . import cpt, merge, sft
+    from . import eval as evaluation
+    from .demo_model import ensure_demo_model
+
+    _quiet_libraries()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = _stage_list(cfg)
+    validate(cfg, stages)
+    model_cfg, data_cfg = typed(cfg, "model"), typed(cfg, "data")
+    if model_cfg.build_demo_if_missing:
+        ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
+        validate(cfg, stages)  # now the target modules can be checked against the built model
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+
+    seed, device = int(cfg.seed), str(cfg.device)
+    paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
+    timings: Dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        log.info("== stage %s ==", name)
+        t0 = time.time()
+        out = fn(*args)
+        timings[f"time/{name}"] = round(time.time() - t0, 2)
+        log.info("== stage %s done in %.1fs -> %s", name, timings[f"time/{name}"], out)
+        return str(out)
+
+    if "cpt" in stages:
+        paths["cpt_adapter"] = timed("cpt", cpt.train_cpt, typed(cfg, "cpt"), model_cfg, data_cfg.cpt, seed,
+                                     run_dir / "cpt_adapter", device)
+    if "merge" in stages:
+        paths["cpt_model"] = timed("merge", merge.merge_adapter, typed(cfg, "merge"), model_cfg,
+                                   _require(paths["cpt_adapter"], "cpt_adapter", "merge"),
+                                   run_dir / "cpt_model")
+    if "sft" in stages:
+        paths["sft_adapter"] = timed("sft", sft.train_sft, typed(cfg, "sft"), model_cfg, data_cfg.sft,
+                                     _require(paths["cpt_model"], "cpt_model", "sft"), seed,
+                                     run_dir / "sft_adapter", device)
+    metrics: Dict = {}
+    if "eval" in stages:
+        ev = typed(cfg, "eval")
+        models = {"base": (model_cfg.path, None)}
+        if paths["cpt_model"]:
+            models["cpt"] = (paths["cpt_model"], None)
+            if paths["sft_adapter"]:
+                models["sft"] = (paths["cpt_model"], paths["sft_adapter"])
+        models = {k: v for k, v in models.items() if k in ev.models}
+        eval_dir = Path(timed("eval", evaluation.evaluate, ev, model_cfg, data_cfg.qa.path, models,
+                              run_dir / "eval", device))
+        shutil.copyfile(eval_dir / "answers.jsonl", run_dir / "answers.jsonl")
+        metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
+    metrics.update(timings)
+    metrics.update({k: v for k, v in paths.items() if v})
+    metrics.update(flat_config(cfg))
+    write_json(run_dir / "metrics.json", metrics)
+    if "eval" in stages:
+        print(format_table(metrics))
+    return metrics
+
+
+def format_table(metrics: Dict) -> str:
+    """The compact end-of-run table: one row per evaluated model, then gain and retention."""
+    import pandas as pd
+
+    cols = ["exact_match", "contains", "char_f1", "logprob", "eos_rate"]
+    rows = {k: {c: metrics.get(f"{k}/{c}") for c in cols} for k in ("base", "cpt", "sft")
+            if f"{k}/contains" in metrics}
+    table = pd.DataFrame.from_dict(rows, orient="index")[cols]
+    text = table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else str(v)
+
+    h = metrics.get("headline_metric")
+    return (f"\n{text}\n\nheadline {h}: knowledge_gain (cpt - base) {fmt(metrics.get('knowledge_gain'))}, "
+            f"retention (sft / cpt) {fmt(metrics.get('retention'))}; logprob gain {fmt(metrics.get('logprob_gain'))}"
+            f", share of it kept after SFT {fmt(metrics.get('logprob_gain_kept'))}\n")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run_pipeline(cfg, run_dir)
+    except PipelineError as e:
+        if cfg.get("debug"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("run directory: %s", run_dir)
+    return metrics.get("retention")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Stage 3 — supervised fine-tuning (SFT): a fresh LoRA adapter on the merged CPT model, trained with TRL.
+
+    python -m pipeline.run stages=[sft] inputs.cpt_model=outputs/runs/<run>/cpt_model
+
+Every record becomes a prompt/completion pair: the prompt is everything up to the last assistant turn rendered with
+the tokenizer's chat template (or model.prompt_template when it has none), the completion is the last assistant
+turn. TRL then trains on completion tokens only, EOS included, so the model learns to stop. Rendering here instead of
+TRL's `assistant_only_loss` works with any chat template (that option needs {% generation %} markers, which few
+templates have). No packing: TRL's padding-free packing is only correct with FlashAttention (FIELD_NOTES).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from .common import (PipelineError, atomic_output, count_trainable, load_model, load_tokenizer, resolve_device,
+                     resolve_dtype, training_arguments, write_json)
+from .config import DataPath, ModelConfig, SftConfig
+from .data import load_sft_records
+from .modules import lora_config, resolve_targets
+
+log = logging.getLogger(__name__)
+
+
+def apply_chat_template_override(tokenizer, model_cfg: ModelConfig) -> None:
+    """model.chat_template (a Jinja string or a .jinja file) replaces the tokenizer's own template."""
+    tpl = model_cfg.chat_template
+    if tpl:
+        p = Path(tpl)
+        tokenizer.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" and p.is_file() else tpl
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def render_prompt(messages: List[dict], tokenizer, prompt_template: str) -> str:
+    """The text the model sees before it answers: chat template with generation prompt, or the prompt template."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The tokenizer adds BOS itself when encoding; a template that also writes it would double it.
+        if tokenizer.bos_token and _adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
+            text = text[len(tokenizer.bos_token):]
+        return text
+    parts, history = [], []
+    for m in messages:
+        if m["role"] == "assistant":
+            parts.append(prompt_template.format(prompt="\n".join(history)) + m["content"] + "\n\n")
+            history = []
+        else:
+            history.append(m["content"])
+    return "".join(parts) + prompt_template.format(prompt="\n".join(history))
+
+
+def to_prompt_completion(messages: List[dict], tokenizer, prompt_template: str) -> dict:
+    prompt = render_prompt(messages[:-1], tokenizer, prompt_template)
+    answer = messages[-1]["content"]
+    if not tokenizer.chat_template:
+        return {"prompt": prompt, "completion": answer}  # TRL appends EOS
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if tokenizer.bos_token and _adds_bos(tokenizer) and full.startswith(tokenizer.bos_token):
+        full = full[len(tokenizer.bos_token):]
+    if not full.startswith(prompt):
+        raise PipelineError("the chat template renders a conversation's prompt differently on its own and inside the "
+                            "full conversation; set model.chat_template to a template without that quirk")
+    completion = full[len(prompt):]
+    if completion.rstrip().endswith(tokenizer.eos_token):
+        completion = completion.rstrip()  # TRL appends EOS unless the completion already ends with it
+    return {"prompt": prompt, "completion": completion}
+
+
+def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_model_dir: str | Path, seed: int,
+              out_dir: str | Path, device: str = "auto") -> Path:
+    """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(model_cfg.dtype, dev)
+    records = load_sft_records(data_cfg.path, key="data.sft.path")
+    tok = load_tokenizer(cpt_model_dir, model_cfg.trust_remote_code)
+    apply_chat_template_override(tok, model_cfg)
+    rows = [to_prompt_completion(m, tok, model_cfg.prompt_template) for m in records]
+    log.info("SFT data: %d records, formatted with %s; example prompt: %r", len(rows),
+             "the chat template" if tok.chat_template else "model.prompt_template", rows[0]["prompt"][:80])
+
+    set_seed(seed)
+    model = load_model(cpt_model_dir, dtype, torch.device("cpu"), model_cfg.trust_remote_code)
+    targets = resolve_targets(cfg.target_modules, model, model_cfg.modules, key="sft.target_modules")
+    model = get_peft_model(model, lora_config(targets, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora))
+    trainable, total = count_trainable(model)
+    log.info("SFT model: LoRA r=%d alpha=%g on %s; trained in full: %s; %d/%d parameters trainable", cfg.r,
+             cfg.lora_alpha, ",".join(targets.lora) or "-", ",".join(targets.modules_to_save) or "-", trainable, total)
+
+    with atomic_output(out_dir) as tmp:
+        args = training_arguments(
+            SFTConfig, cfg, tmp / "trainer", dev, dtype, seed,
+            max_length=cfg.max_length or model_cfg.max_seq_length,
+            packing=False,
+            completion_only_loss=True,
+            dataset_num_proc=None,
+            gradient_checkpointing=False,  # TRL defaults to True; tiny LoRA runs do not need it
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        t0 = time.time()
+        result = trainer.train()
+        seconds = time.time() - t0
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = losses or [result.training_loss]
+        log.info("SFT done: %d steps in %.1fs, loss %.4f -> %.4f", result.global_step, seconds, losses[0],
+                 losses[-1])
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "sft_stats.json", {
+            "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
+            "final_loss": losses[-1], "seconds": round(seconds, 2),
+            "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
+            "trainable_parameters": trainable,
+        })
+    return out_dir

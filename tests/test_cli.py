@@ -1,0 +1,87 @@
+"""The command line as a user runs it: one-line errors, a multirun, and no network access."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, cwd=ROOT, prelude=None, timeout=300, env=None):
+    cmd = [sys.executable, "-m", "pipeline.run", *map(str, args)]
+    if prelude:  # run code (e.g. an audit hook) in the same interpreter before the pipeline starts
+        cmd = [sys.executable, "-c", f"{prelude}\nimport runpy, sys\nsys.argv = {cmd[2:]!r}\n"
+                                     "runpy.run_module('pipeline.run', run_name='__main__')"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def bad_input_cases(tmp_path, data):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.md").write_text("\n", encoding="utf-8")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n', encoding="utf-8")
+    noanswer = write_jsonl(tmp_path / "noanswer.jsonl", [{"id": "x", "question": "q?"}])
+    return {
+        "missing model": ({"model.path": tmp_path / "no_model"}, r"model.path=.*no_model: no such directory"),
+        "empty corpus": ({"data.cpt.path": empty}, r"data.cpt.path=.*empty: the corpus is empty"),
+        "malformed jsonl": ({"data.sft.path": broken}, r"broken.jsonl:2: malformed JSON"),
+        "qa without answer": ({"data.qa.path": noanswer},
+                              r"noanswer.jsonl:1: QA record without a non-empty string 'answer'"),
+        "unknown module": ({"sft.target_modules": "[c_attn]"},
+                           r"sft.target_modules: module 'c_attn' does not exist in this llama model; available: "),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing model", "empty corpus", "malformed jsonl", "qa without answer",
+                                  "unknown module"])
+def test_bad_input_gets_one_line_and_nothing_is_trained(case, tiny_model, data_files, tmp_path):
+    overrides, pattern = bad_input_cases(tmp_path, data_files)[case]
+    run_dir = tmp_path / "run"
+    r = run_cli(tiny_overrides(tiny_model, data_files, **overrides, **{"hydra.run.dir": run_dir}))
+    assert r.returncode == 2, r.stderr
+    err_lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: "), r.stderr
+    import re
+
+    assert re.search(pattern, err_lines[0]), err_lines[0]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not any((run_dir / d).exists() for d in ("cpt_adapter", "cpt_model", "sft_adapter", "metrics.json"))
+
+
+def test_multirun_two_jobs(tiny_model, data_files, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}), "sft.lora_alpha=8,32"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    alphas = sorted(json.loads((sweep / str(i) / "metrics.json").read_text())["sft.lora_alpha"] for i in (0, 1))
+    assert alphas == [8, 32]
+    assert (sweep / "0" / "answers.jsonl").is_file() and (sweep / "1" / "cpt_model" / "config.json").is_file()
+
+
+AUDIT = """
+import os, sys
+def _no_network(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+        # recorded as well as raised: a library that swallows the exception must not hide the attempt
+        with open(os.environ["NETWORK_AUDIT_LOG"], "a") as f:
+            f.write(f"{event} {args!r}\\n")
+        raise RuntimeError(f"network access attempted: {event} {args!r}")
+sys.addaudithook(_no_network)
+"""
+
+
+def test_full_run_opens_no_network_connection(tiny_model, data_files, tmp_path):
+    """An audit hook makes any connect/DNS lookup fail loudly; the whole chain must still succeed."""
+    audit_log = tmp_path / "network.log"
+    r = run_cli(tiny_overrides(tiny_model, data_files, **{"hydra.run.dir": tmp_path / "run", "debug": "true"}),
+                prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not audit_log.exists(), audit_log.read_text()
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -1,0 +1,93 @@
+"""All four stages end to end on a tiny model, through the same composed config a user gets."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_tiny_model, tiny_overrides
+from pipeline.common import PipelineError, is_complete
+from pipeline.run import run_pipeline
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_all_stages(tiny_model, data_files, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_model, data_files, **{"cpt.lora_alpha": 64, "sft.target_modules": "attn"}))
+    metrics = run_pipeline(cfg, tmp_path)
+
+    for d in ("cpt_adapter", "cpt_model", "sft_adapter", "eval"):
+        assert is_complete(tmp_path / d), d
+    assert (tmp_path / "config.yaml").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for kind in ("base", "cpt", "sft"):
+        for m in ("exact_match", "contains", "char_f1", "logprob"):
+            assert f"{kind}/{m}" in saved
+    assert 0.0 <= saved["sft/eos_rate"] <= 1.0
+    assert saved["knowledge_gain"] == pytest.approx(saved["cpt/contains"] - saved["base/contains"])
+    assert saved["logprob_gain"] == pytest.approx(saved["cpt/logprob"] - saved["base/logprob"])
+    # the swept values are recorded next to the results
+    assert saved["cpt.lora_alpha"] == 64 and saved["sft.target_modules"] == "attn" and saved["seed"] == 42
+
+    lines = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["q1", "q2", "q3"]
+    assert {"base", "cpt", "sft"} <= set(lines[0]) and "answer" in lines[0]["sft"]
+    assert "ended_with_eos" in lines[0]["sft"]
+
+    # the CPT model is a standalone checkpoint that plain transformers loads
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "cpt_model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "cpt_model")
+    assert tok.chat_template and merged(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(tok)
+    check = json.loads((tmp_path / "cpt_model" / "merge_check.json").read_text())
+    assert check["max_abs_logit_diff"] <= 1e-4 and check["reload_max_abs_logit_diff"] <= 1e-5
+    cpt_stats = json.loads((tmp_path / "cpt_adapter" / "cpt_stats.json").read_text())
+    assert cpt_stats["modules_to_save"] == ["embed_tokens", "lm_head"]  # the default attn_mlp_embed
+
+
+def test_prefix_then_rest_from_inputs(tiny_model, data_files, tmp_path):
+    first = tmp_path / "first"
+    m = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, stages="[cpt,merge]")), first)
+    assert is_complete(first / "cpt_model") and not (first / "sft_adapter").exists()
+    assert "base/contains" not in m and not (first / "answers.jsonl").exists()
+
+    second = tmp_path / "second"
+    cfg = compose_cfg(tiny_overrides(tiny_model, data_files, stages="[sft,eval]",
+                                     **{"inputs.cpt_model": first / "cpt_model"}))
+    m = run_pipeline(cfg, second)
+    assert "sft/contains" in m and not (second / "cpt_adapter").exists()
+
+
+def test_missing_input_for_a_later_stage(tiny_model, data_files, tmp_path):
+    cfg = compose_cfg(tiny_overrides(tiny_model, data_files, stages="[sft]"))
+    with pytest.raises(PipelineError, match=r"stage sft needs a cpt model: add merge to stages or set "
+                                            r"inputs.cpt_model=PATH"):
+        run_pipeline(cfg, tmp_path)
+
+
+def test_half_built_output_is_not_accepted_as_input(tiny_model, data_files, tmp_path):
+    fake = tmp_path / "cpt_model"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    cfg = compose_cfg(tiny_overrides(tiny_model, data_files, stages="[sft]", **{"inputs.cpt_model": fake}))
+    with pytest.raises(PipelineError, match="not a completed stage output"):
+        run_pipeline(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("tie, chat", [(True, True), (False, False)])
+def test_tied_embeddings_and_prompt_template(tmp_path, data_files, tie, chat):
+    """A tied model trains embeddings through one shared copy and merges exactly; no chat template → prompt_template."""
+    model = make_tiny_model(tmp_path / "model", tie=tie, chat_template=chat)
+    run_pipeline(compose_cfg(tiny_overrides(model, data_files)), tmp_path / "run")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "cpt_model")
+    assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) == tie
+    check = json.loads((tmp_path / "run" / "cpt_model" / "merge_check.json").read_text())
+    assert check["tied_embeddings"] == tie and check["max_abs_logit_diff"] <= 1e-4
