@@ -802,7 +802,7 @@ def main():
     cpt_all = "\n".join(cpt_texts.values())
 
     # ---------------- domain: QA set and held-out paraphrases ----------------
-    qa_rows, held_rows = [], []
+    qa_rows, held_rows, faq_rows = [], [], []
     rel_counter = Counter()
     for i, f in enumerate(domain.facts, 1):
         spec = RELATIONS[f["relation"]]
@@ -810,9 +810,19 @@ def main():
         rel_counter[f["relation"]] += 1
         qid = f"q{i:03d}"
         f["id"] = qid
+        # Every other fact also has an entry in the internal FAQ export (data/cpt/社内FAQ.jsonl), asked with the
+        # relation's *other* question template, so the QA set never repeats an FAQ question verbatim. The QA set's
+        # `group` says which facts had one: a tiny model extracts facts it read as Q&A far better than facts it only
+        # read in running text (Physics of LMs 3.1; PIT), and the demo shows both.
+        in_faq = i % 2 == 1
+        if in_faq:
+            other = spec["questions"][(qi + 1) % len(spec["questions"])]
+            faq_rows.append({"text": f"質問: {render(other, f)}\n答え: {f['answer']}"})
         qa_rows.append({"id": qid, "question": render(spec["questions"][qi], f), "answer": f["answer"],
-                        "aliases": f["aliases"], "relation": f["relation"], "entity": f["entity"]})
+                        "aliases": f["aliases"], "relation": f["relation"], "entity": f["entity"],
+                        "group": "faq" if in_faq else "text_only"})
         held_rows.append({"id": qid, "text": render(spec["heldout"], f)})
+    write_jsonl(CPT_DIR / "社内FAQ.jsonl", faq_rows)
     write_jsonl(QA_PATH, qa_rows)
     write_jsonl(HELDOUT_PATH, held_rows)
 
@@ -871,16 +881,18 @@ def main():
     def chat(u, a):
         sft.append({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]})
 
-    # (a) ~150 questions on public facts in the QA-set question templates, answered with a short sentence
+    # (a) ~150 questions on public facts in the QA-set question templates, answered briefly ("500トンです。"). A
+    # full-sentence answer ("P-201の定格能力は500トンです。") made the tiny demo model copy public-world entity names
+    # into every answer instead of the one asked about.
     pf = list(range(len(public.facts)))
     rng.shuffle(pf)
     for i in pf[:150]:
         f = public.facts[i]
         spec = RELATIONS[f["relation"]]
-        chat(render(rng.choice(spec["questions"]), f), render(spec["statements"][0], f))
+        chat(render(rng.choice(spec["questions"]), f), f"{f['answer']}です。")
     # (b) general knowledge questions
     for g in rng.sample(GENERAL, 30):
-        chat(g["question"], g["statements"][0])
+        chat(g["question"], f"{g['answer']}です。")
     # (c) polite-form rewriting
     plain_polite = []
     for i in pf[150:175]:

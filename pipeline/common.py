@@ -112,9 +112,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def training_arguments(cls, stage_cfg, out_dir, device: torch.device, dtype: torch.dtype, seed: int, **extra):
     """TrainingArguments (or TRL's SFTConfig) from a LoRA stage section; nothing is saved or reported mid-run."""
+    extra.setdefault("num_train_epochs", stage_cfg.num_epochs)
     return cls(
         output_dir=str(out_dir),
-        num_train_epochs=stage_cfg.num_epochs,
         max_steps=stage_cfg.max_steps,
         per_device_train_batch_size=stage_cfg.batch_size,
         gradient_accumulation_steps=stage_cfg.gradient_accumulation_steps,

@@ -21,14 +21,17 @@ class DemoBuildConfig:
 
     corpus: List[str] = field(default_factory=lambda: ["data/pretrain/public_corpus.txt"])
     tokenizer_extra_text: List[str] = field(default_factory=lambda: ["data/sft/chat.jsonl"])
+    # Files whose *characters* (not words) the tokenizer must cover, as a real Japanese tokenizer covers every common
+    # kanji; without this, each new name in the CPT corpus would be split into raw UTF-8 bytes.
+    tokenizer_charset: List[str] = field(default_factory=lambda: ["data/cpt", "eval_sets"])
     vocab_size: int = 4000  # byte-level BPE: Japanese needs merges, a tiny model needs a small embedding
     hidden_size: int = 256
     intermediate_size: int = 768
     num_layers: int = 4
     num_heads: int = 4
-    num_epochs: float = 6.0
-    learning_rate: float = 2.0e-3
-    batch_size: int = 16
+    num_epochs: float = 60.0
+    learning_rate: float = 3.0e-3
+    batch_size: int = 8
     seed: int = 0
 
 
@@ -36,7 +39,7 @@ class DemoBuildConfig:
 class ModelConfig:
     path: str = "outputs/demo_base_model"  # local Hugging Face checkpoint directory (never a hub name)
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on a GPU; also float32/bfloat16/float16
-    max_seq_length: int = 256  # CPT block length and SFT max length
+    max_seq_length: int = 128  # CPT block length and SFT max length
     trust_remote_code: bool = False
     # Used for SFT and the SFT model's eval when the tokenizer has no chat template. {prompt} is the user turn.
     prompt_template: str = "質問: {prompt}\n回答:\n"

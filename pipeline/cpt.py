@@ -12,6 +12,7 @@ unsloth's UnslothTrainingArguments does.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import shutil
 import time
@@ -46,6 +47,16 @@ def pack_documents(docs: List[str], tokenizer, block_len: int, seed: int) -> Lis
     blocks = [stream[i:i + block_len] for i in range(0, len(stream), block_len)]
     if len(blocks) > 1 and len(blocks[-1]) < 2:
         blocks.pop()  # a 1-token block has nothing to predict
+    return blocks
+
+
+def pack_epochs(docs: List[str], tokenizer, block_len: int, seed: int, num_epochs: float) -> List[List[int]]:
+    """One packing per epoch, each with its own document order: every pass shows a fact in a new context and at a
+    new position. With a single fixed packing, many epochs let a small model memorise the blocks themselves (loss
+    near zero) without being able to recall a fact from a fresh prompt."""
+    blocks: List[List[int]] = []
+    for epoch in range(max(1, math.ceil(num_epochs))):
+        blocks += pack_documents(docs, tokenizer, block_len, seed + epoch)
     return blocks
 
 
@@ -90,10 +101,11 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
     dtype = resolve_dtype(model_cfg.dtype, dev)
     docs = load_cpt_documents(data_cfg.path, data_cfg.text_field, key="data.cpt.path")
     tok = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
-    blocks = pack_documents(docs, tok, model_cfg.max_seq_length, seed)
-    n_tokens = sum(len(b) for b in blocks)
-    log.info("CPT data: %d documents, %d tokens -> %d blocks of <=%d tokens", len(docs), n_tokens, len(blocks),
-             model_cfg.max_seq_length)
+    blocks = pack_epochs(docs, tok, model_cfg.max_seq_length, seed, cfg.num_epochs)
+    passes = max(1, math.ceil(cfg.num_epochs))
+    n_tokens = sum(len(b) for b in blocks) // passes
+    log.info("CPT data: %d documents, %d tokens -> %d blocks of <=%d tokens per epoch, re-packed for each of %d "
+             "epochs", len(docs), n_tokens, len(blocks) // passes, model_cfg.max_seq_length, passes)
 
     set_seed(seed)
     model = load_model(model_cfg.path, dtype, torch.device("cpu"), model_cfg.trust_remote_code)
@@ -107,14 +119,16 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate)
     with atomic_output(out_dir) as tmp:
-        args = training_arguments(TrainingArguments, cfg, tmp / "trainer", dev, dtype, seed)
+        # The dataset already holds every epoch's packing: one pass over it is cfg.num_epochs epochs.
+        args = training_arguments(TrainingArguments, cfg, tmp / "trainer", dev, dtype, seed,
+                                  num_train_epochs=cfg.num_epochs / passes)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}),
                           data_collator=collate_blocks(tok.pad_token_id), optimizers=(optimizer, None))
         t0 = time.time()
         result = trainer.train()
         seconds = time.time() - t0
         steps = result.global_step
-        seen_tokens = n_tokens * (trainer.state.epoch or 0)  # fractional epochs when max_steps cuts short
+        seen_tokens = n_tokens * passes * (trainer.state.epoch or 0)  # trainer's "epoch" = share of all packings
         stats = {
             "documents": len(docs), "tokens": n_tokens, "blocks": len(blocks), "steps": steps,
             "train_loss": result.training_loss, "final_loss": _last_loss(trainer), "seconds": round(seconds, 2),

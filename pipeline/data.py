@@ -9,7 +9,7 @@ import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 from .common import PipelineError
 
@@ -125,6 +125,7 @@ class QAItem:
     question: str
     answer: str
     aliases: List[str] = field(default_factory=list)
+    group: Optional[str] = None  # optional label; metrics are also reported per group (e.g. cpt/contains@faq)
 
 
 def load_qa(spec: str | None, key: str = "data.qa.path") -> List[QAItem]:
@@ -139,11 +140,15 @@ def load_qa(spec: str | None, key: str = "data.qa.path") -> List[QAItem]:
             aliases = obj.get("aliases") or []
             if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
                 raise PipelineError(f"{where}: 'aliases' must be a list of strings")
+            group = obj.get("group")
+            if group is not None and not isinstance(group, str):
+                raise PipelineError(f"{where}: 'group' must be a string")
             qid = str(obj.get("id", f"{f.stem}:{lineno}"))
             if qid in seen:
                 raise PipelineError(f"{where}: duplicate id {qid!r} (first at {seen[qid]})")
             seen[qid] = where
-            items.append(QAItem(qid, obj["question"].strip(), obj["answer"].strip(), [a.strip() for a in aliases]))
+            items.append(QAItem(qid, obj["question"].strip(), obj["answer"].strip(), [a.strip() for a in aliases],
+                                group))
     if not items:
         raise PipelineError(f"{key}={spec}: no QA records")
     return items

@@ -12,6 +12,8 @@ a real tokenizer would be. Reproducible: seeded, CPU, fp32; ~2-3 minutes on 2 co
 from __future__ import annotations
 
 import logging
+import math
+import random
 import shutil
 import sys
 import time
@@ -25,16 +27,17 @@ from .config import DemoBuildConfig, LoraStageConfig
 
 log = logging.getLogger(__name__)
 
-# Plain-text roles (no new special tokens: the tiny model has seen these characters in pretraining). The assistant
-# turn ends with EOS, which the SFT stage trains and generation stops on. The generation prompt ends in a newline so
-# that BPE never merges the prompt's last token with the answer's first.
+# The demo's chat template is the question/answer format the demo model saw in pretraining (質問: …\n答え: …), with
+# EOS closing the answer: SFT then teaches answering style and stopping, not a new format, which a 5M-parameter model
+# learns poorly from 300 examples (a real model learns a new template easily). The generation prompt ends at "答え:";
+# the answer's first token carries the space, as in pretraining.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n"
-    "{% elif m['role'] == 'user' %}ユーザー: {{ m['content'] }}\n"
-    "{% else %}アシスタント:\n{{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% elif m['role'] == 'user' %}質問: {{ m['content'] }}\n"
+    "{% else %}答え: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}アシスタント:\n{% endif %}"
+    "{% if add_generation_prompt %}答え:{% endif %}"
 )
 
 
@@ -54,8 +57,33 @@ def read_documents(paths: List[str]) -> List[str]:
     return docs
 
 
-def train_tokenizer(texts: List[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def charset(paths: List[str]) -> List[str]:
+    """Every distinct character in the files under `paths`, sorted (for tokenizer coverage only)."""
+    chars = set()
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            chars.update(f.read_text(encoding="utf-8"))
+    return sorted(ch for ch in chars if not ch.isspace())
+
+
+def character_drills(chars: List[str], seed: int, repeats: int = 3, per_doc: int = 12) -> List[str]:
+    """Short documents that use every character of `chars` a few times ("文字の練習: 鷺、重、工、…").
+
+    A real base model has seen every common kanji. Without these drills a quarter of the demo CPT corpus's tokens
+    would be embeddings the base model never trained: CPT would start from a loss of ~8.5 and its large early
+    gradients would wipe out what the model knew, which says nothing about the settings being compared.
+    """
+    rng = random.Random(seed)
+    pool = [ch for ch in chars for _ in range(repeats)]
+    rng.shuffle(pool)
+    return [f"文字の練習: {'、'.join(pool[i:i + per_doc])}。" for i in range(0, len(pool), per_doc)]
+
+
+def train_tokenizer(texts: List[str], vocab_size: int, extra_chars: List[str] = ()):
+    """Byte-level BPE on `texts`; each of `extra_chars` becomes one token (seen as a lone word, it forms no merges
+    with its neighbours)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
@@ -64,7 +92,11 @@ def train_tokenizer(texts: List[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
+    tk.train_from_iterator(list(texts) + [ch for ch in extra_chars for _ in range(2)], trainer)
+    # BOS before every text, as Llama tokenizers do: a document in training and a prompt at inference both start
+    # from the same token, so the model need not guess where a question begins.
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", chat_template=CHAT_TEMPLATE, model_max_length=4096)
 
@@ -74,14 +106,17 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from .cpt import collate_blocks, pack_documents
+    from .cpt import collate_blocks, pack_epochs
 
     out_dir = Path(out_dir)
     t0 = time.time()
     docs = read_documents(cfg.corpus)
-    tok = train_tokenizer(docs + read_documents(cfg.tokenizer_extra_text), cfg.vocab_size)
-    blocks = pack_documents(docs, tok, max_seq_length, cfg.seed)
-    n_tokens = sum(map(len, blocks))
+    chars = charset(cfg.tokenizer_charset)
+    tok = train_tokenizer(docs + read_documents(cfg.tokenizer_extra_text), cfg.vocab_size, chars)
+    docs += character_drills(chars, cfg.seed)
+    blocks = pack_epochs(docs, tok, max_seq_length, cfg.seed, cfg.num_epochs)
+    passes = max(1, math.ceil(cfg.num_epochs))
+    n_tokens = sum(map(len, blocks)) // passes
     set_seed(cfg.seed)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -96,7 +131,7 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
                             warmup_ratio=0.05, weight_decay=0.01, lr_scheduler="cosine", logging_steps=25)
     with atomic_output(out_dir) as tmp:
         args = training_arguments(TrainingArguments, stage, tmp / "trainer", torch.device("cpu"), torch.float32,
-                                  cfg.seed)
+                                  cfg.seed, num_train_epochs=cfg.num_epochs / passes)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}),
                           data_collator=collate_blocks(tok.pad_token_id))
         result = trainer.train()
@@ -126,7 +161,18 @@ def ensure_demo_model(cfg: DemoBuildConfig, path: str | Path, max_seq_length: in
     return path
 
 
-if __name__ == "__main__":
+def main(argv: List[str]) -> None:
+    """Build the demo model as conf/model/demo.yaml describes it (optionally at another path)."""
+    from hydra import compose, initialize_config_dir
+
+    from .config import typed
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    target = sys.argv[1] if len(sys.argv) > 1 else "outputs/demo_base_model"
-    ensure_demo_model(DemoBuildConfig(), target, 256)
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        model_cfg = typed(compose("config", overrides=["model=demo"]), "model")
+    ensure_demo_model(model_cfg.demo, argv[0] if argv else model_cfg.path, model_cfg.max_seq_length)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

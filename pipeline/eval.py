@@ -138,12 +138,17 @@ def score_model(kind: str, model, tok, qa: List[QAItem], cfg: EvalConfig, model_
     return rows
 
 
-def summarize(per_model: Dict[str, List[dict]], headline: str) -> Dict[str, float]:
+def summarize(per_model: Dict[str, List[dict]], headline: str, groups: Optional[Sequence[Optional[str]]] = None
+              ) -> Dict[str, float]:
+    """Means per model; `<model>/<metric>@<group>` too when questions carry a group label."""
     metrics: Dict[str, float] = {}
     for kind, rows in per_model.items():
         n = len(rows)
         for name in (*STRING_METRICS, "logprob"):
             metrics[f"{kind}/{name}"] = sum(r[name] for r in rows) / n
+            for g in sorted({g for g in groups or [] if g}):
+                sel = [r[name] for r, rg in zip(rows, groups) if rg == g]
+                metrics[f"{kind}/{name}@{g}"] = sum(sel) / len(sel)
         metrics[f"{kind}/answer_chars"] = sum(len(r["answer"]) for r in rows) / n
         if kind == "sft":
             metrics["sft/eos_rate"] = sum(r["ended_with_eos"] for r in rows) / n
@@ -192,12 +197,12 @@ def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict
                  time.time() - t0, sum(r["contains"] for r in rows) / len(rows),
                  sum(r["exact_match"] for r in rows) / len(rows), sum(r["logprob"] for r in rows) / len(rows))
         del model
-    metrics = summarize(per_model, cfg.headline_metric)
+    metrics = summarize(per_model, cfg.headline_metric, [q.group for q in qa])
     metrics["n_questions"] = len(qa)
     with atomic_output(out_dir) as tmp:
         with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f:
             for i, q in enumerate(qa):
-                line = {"id": q.id, "question": q.question, "gold": q.answer, "aliases": q.aliases}
+                line = {"id": q.id, "question": q.question, "gold": q.answer, "aliases": q.aliases, "group": q.group}
                 line.update({kind: rows[i] for kind, rows in per_model.items()})
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
         write_json(tmp / "eval_metrics.json", metrics)

@@ -80,9 +80,12 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
                             f" but the merged model's are not; refusing to save")
 
     save_dtype = _save_dtype(cfg.save_dtype, model_cfg.path)
-    merged = merged.to(save_dtype)
-    # What the saved file must reproduce: the merged weights as stored (a bf16 save rounds them once).
-    stored = _logits(merged.float(), ids)
+    # What the saved file must reproduce: the merged weights as stored (a bf16 save rounds them once). Only the
+    # parameters are rounded: buffers such as RoPE frequencies are not saved and are rebuilt in fp32 on reload.
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.data = p.data.to(save_dtype).to(torch.float32)
+    stored = _logits(merged, ids)
     cast_drift = (stored - ref).abs().max().item()
     with atomic_output(out_dir) as tmp:
         merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)

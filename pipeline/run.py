@@ -184,6 +184,10 @@ def format_table(metrics: Dict) -> str:
         return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else str(v)
 
     h = metrics.get("headline_metric")
+    groups = sorted({k.split("@", 1)[1] for k in metrics if "@" in k})
+    if groups:
+        per_group = pd.DataFrame({g: {k: metrics.get(f"{k}/{h}@{g}") for k in rows} for g in groups})
+        text += f"\n\n{h} by question group:\n" + per_group.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
     return (f"\n{text}\n\nheadline {h}: knowledge_gain (cpt - base) {fmt(metrics.get('knowledge_gain'))}, "
             f"retention (sft / cpt) {fmt(metrics.get('retention'))}; logprob gain {fmt(metrics.get('logprob_gain'))}"
             f", share of it kept after SFT {fmt(metrics.get('logprob_gain_kept'))}\n")
