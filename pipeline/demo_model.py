@@ -67,7 +67,7 @@ def charset(paths: List[str]) -> List[str]:
     return sorted(ch for ch in chars if not ch.isspace())
 
 
-def character_drills(chars: List[str], seed: int, repeats: int = 3, per_doc: int = 12) -> List[str]:
+def character_drills(chars: List[str], seed: int, repeats: int = 2, per_doc: int = 12) -> List[str]:
     """Short documents that use every character of `chars` a few times ("文字の練習: 鷺、重、工、…").
 
     A real base model has seen every common kanji. Without these drills a quarter of the demo CPT corpus's tokens

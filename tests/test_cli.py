@@ -85,3 +85,18 @@ def test_full_run_opens_no_network_connection(tiny_model, data_files, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_seed_grid_experiment_runs_eight_cells(tiny_model, data_files, tmp_path):
+    """The shipped grid (+experiment=seed_grid) as a multirun: 8 jobs, each with its cell's values recorded."""
+    sweep = tmp_path / "grid"
+    r = run_cli(["-m", "+experiment=seed_grid",
+                 *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep, "cpt.max_steps": 1,
+                                                            "sft.max_steps": 1, "eval.max_questions": 1})])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = set()
+    for i in range(8):
+        m = json.loads((sweep / str(i) / "metrics.json").read_text())
+        cells.add((m["cpt.lora_alpha"], m["sft.lora_alpha"], m["sft.target_modules"]))
+        assert m["cpt.target_modules"] == "attn_mlp_embed"
+    assert cells == {(c, s, t) for c in (32, 128) for s in (8, 32) for t in ("attn_mlp", "attn")}
