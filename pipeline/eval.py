@@ -94,7 +94,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
             text = tokenizer.decode(row[:cut] if cut is not None else row, skip_special_tokens=True)
             if stop_string:
                 text = text.split(stop_string)[0]
-            results.append((text.strip(), cut is not None))
+            # max_new_tokens can end inside a multi-byte character: drop the undecodable tail (U+FFFD).
+            results.append((text.strip().rstrip("\ufffd").strip(), cut is not None))
     return results
 
 

@@ -133,8 +133,8 @@ def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslo
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=targets.lora,
-        modules_to_save=targets.modules_to_save or None,
+        target_modules=list(targets.lora),  # copies: PEFT extends these lists in place
+        modules_to_save=list(targets.modules_to_save) or None,
         ensure_weight_tying=targets.ensure_weight_tying,
         use_rslora=use_rslora,
         bias="none",
