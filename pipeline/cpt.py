@@ -130,7 +130,8 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
         steps = result.global_step
         seen_tokens = n_tokens * passes * (trainer.state.epoch or 0)  # trainer's "epoch" = share of all packings
         stats = {
-            "documents": len(docs), "tokens": n_tokens, "blocks": len(blocks), "steps": steps,
+            "documents": len(docs), "tokens_per_epoch": n_tokens, "blocks_per_epoch": len(blocks) // passes,
+            "epochs": cfg.num_epochs, "steps": steps,
             "train_loss": result.training_loss, "final_loss": _last_loss(trainer), "seconds": round(seconds, 2),
             "tokens_per_second": round(seen_tokens / seconds, 1) if seconds > 0 else None,
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
