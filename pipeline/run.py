@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -25,8 +26,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
 from .common import PipelineError, check_model_dir, is_complete, write_json
-from .config import flat_config, typed
+from .config import EvalConfig, flat_config, typed
+from .data import CPT_SUFFIXES, resolve_files
 
 log = logging.getLogger("pipeline.run")
 
@@ -108,6 +111,22 @@ def validate(cfg: DictConfig, stages: list) -> None:
             resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
 
 
+def _settings(section) -> dict:
+    """A stage's settings as they enter its cache key: without those that change only how it runs or reports."""
+    d = asdict(section)
+    d.pop("logging_steps", None)
+    if isinstance(section, EvalConfig):
+        d.pop("batch_size", None)  # batched and one-at-a-time generation give the same answers
+    return d
+
+
+def _chat_template_text(model_cfg) -> Optional[str]:
+    tpl = model_cfg.chat_template
+    if tpl and tpl.endswith(".jinja") and Path(tpl).is_file():
+        return Path(tpl).read_text(encoding="utf-8")
+    return tpl
+
+
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
     from . import cpt, merge, sft
@@ -127,28 +146,54 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
 
     seed, device = int(cfg.seed), str(cfg.device)
     paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
-    timings: Dict[str, float] = {}
+    cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
+    record: Dict[str, object] = {}  # time/<stage>, stage/<stage> (built|reused), key/<stage>
 
-    def timed(name, fn, *args):
-        log.info("== stage %s ==", name)
+    def run_stage(name: str, link: str, material: dict, build) -> str:
+        """Build (or reuse) one stage's output; the run directory gets it as `link` (a symlink into the cache)."""
+        key = stage_key(name, material)
+        log.info("== stage %s (key %s) ==", name, key)
         t0 = time.time()
-        out = fn(*args)
-        timings[f"time/{name}"] = round(time.time() - t0, 2)
-        log.info("== stage %s done in %.1fs -> %s", name, timings[f"time/{name}"], out)
+        if cache.enabled:
+            out, reused = cache.get_or_build(name, key, build, material)
+            target = run_dir / link
+            if target.is_symlink():
+                target.unlink()
+            target.symlink_to(out, target_is_directory=True)
+        else:
+            out, reused = Path(build(run_dir / link)), False
+        record.update({f"time/{name}": round(time.time() - t0, 2), f"stage/{name}": "reused" if reused else "built",
+                       f"key/{name}": key})
+        log.info("== stage %s %s in %.1fs: %s", name, "REUSED" if reused else "built", time.time() - t0, out)
         return str(out)
 
+    def identity(stage: str, key: str) -> str:
+        """What a downstream key depends on: this run's key for the producing stage, else the input's identity."""
+        return record.get(f"key/{stage}") or fingerprint_model(paths[key])
+
+    base_id = fingerprint_model(model_cfg.path)
+    model_settings = {"base": base_id, "dtype": model_cfg.dtype, "max_seq_length": model_cfg.max_seq_length,
+                      "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code}
+    template = {"prompt_template": model_cfg.prompt_template, "chat_template": _chat_template_text(model_cfg)}
+
     if "cpt" in stages:
-        paths["cpt_adapter"] = timed("cpt", cpt.train_cpt, typed(cfg, "cpt"), model_cfg, data_cfg.cpt, seed,
-                                     run_dir / "cpt_adapter", device)
+        c = typed(cfg, "cpt")
+        material = {**model_settings, "cpt": _settings(c), "seed": seed, "text_field": data_cfg.cpt.text_field,
+                    "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES))}
+        paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", material, lambda out: cpt.train_cpt(
+            c, model_cfg, data_cfg.cpt, seed, out, device))
     if "merge" in stages:
-        paths["cpt_model"] = timed("merge", merge.merge_adapter, typed(cfg, "merge"), model_cfg,
-                                   _require(paths["cpt_adapter"], "cpt_adapter", "merge"),
-                                   run_dir / "cpt_model")
+        m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
+        material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": _settings(m)}
+        paths["cpt_model"] = run_stage("merge", "cpt_model", material, lambda out: merge.merge_adapter(
+            m, model_cfg, adapter, out))
     if "sft" in stages:
-        paths["sft_adapter"] = timed("sft", sft.train_sft, typed(cfg, "sft"), model_cfg, data_cfg.sft,
-                                     _require(paths["cpt_model"], "cpt_model", "sft"), seed,
-                                     run_dir / "sft_adapter", device)
-    metrics: Dict = {}
+        s_cfg, cpt_model = typed(cfg, "sft"), _require(paths["cpt_model"], "cpt_model", "sft")
+        material = {**model_settings, **template, "cpt_model": identity("merge", "cpt_model"),
+                    "sft": _settings(s_cfg), "seed": seed,
+                    "data": fingerprint_files(resolve_files(data_cfg.sft.path, "data.sft.path", (".jsonl",)))}
+        paths["sft_adapter"] = run_stage("sft", "sft_adapter", material, lambda out: sft.train_sft(
+            s_cfg, model_cfg, data_cfg.sft, cpt_model, seed, out, device))
     if "eval" in stages:
         ev = typed(cfg, "eval")
         models = {"base": (model_cfg.path, None)}
@@ -157,11 +202,17 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
             if paths["sft_adapter"]:
                 models["sft"] = (paths["cpt_model"], paths["sft_adapter"])
         models = {k: v for k, v in models.items() if k in ev.models}
-        eval_dir = Path(timed("eval", evaluation.evaluate, ev, model_cfg, data_cfg.qa.path, models,
-                              run_dir / "eval", device))
+        material = {**model_settings, **template, "eval": _settings(ev), "models": sorted(models),
+                    "cpt_model": identity("merge", "cpt_model") if "cpt" in models else None,
+                    "sft_adapter": identity("sft", "sft_adapter") if "sft" in models else None,
+                    "qa": fingerprint_files(resolve_files(data_cfg.qa.path, "data.qa.path", (".jsonl",)))}
+        eval_dir = Path(run_stage("eval", "eval", material, lambda out: evaluation.evaluate(
+            ev, model_cfg, data_cfg.qa.path, models, out, device)))
         shutil.copyfile(eval_dir / "answers.jsonl", run_dir / "answers.jsonl")
         metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
-    metrics.update(timings)
+    else:
+        metrics = {}
+    metrics.update(record)
     metrics.update({k: v for k, v in paths.items() if v})
     metrics.update(flat_config(cfg))
     write_json(run_dir / "metrics.json", metrics)
@@ -198,8 +249,10 @@ def main(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run_pipeline(cfg, run_dir)
-    except PipelineError as e:
-        if cfg.get("debug"):
+    except BaseException as e:
+        # The sweep table reports failed jobs with this line (python -m pipeline.aggregate SWEEP_DIR).
+        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
+        if not isinstance(e, PipelineError) or cfg.get("debug"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -79,8 +79,12 @@ def data_files(tmp_path_factory) -> dict:
 
 
 def tiny_overrides(model: Path, data: dict, **extra) -> list:
-    """Command-line overrides that shrink the pipeline to seconds on the tiny model."""
+    """Command-line overrides that shrink the pipeline to seconds on the tiny model.
+
+    The stage cache is shared by the tests of one session (next to the data files), never the repository's.
+    """
     base = {
+        "cache.dir": Path(data["cpt"]).parent / "cache",
         "model.path": model, "model.build_demo_if_missing": "false", "model.max_seq_length": 32,
         "data.cpt.path": data["cpt"], "data.sft.path": data["sft"], "data.qa.path": data["qa"],
         "cpt.max_steps": 3, "sft.max_steps": 3, "cpt.batch_size": 2, "sft.batch_size": 2,

@@ -56,15 +56,6 @@ def test_bad_input_gets_one_line_and_nothing_is_trained(case, tiny_model, data_f
     assert not any((run_dir / d).exists() for d in ("cpt_adapter", "cpt_model", "sft_adapter", "metrics.json"))
 
 
-def test_multirun_two_jobs(tiny_model, data_files, tmp_path):
-    sweep = tmp_path / "sweep"
-    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}), "sft.lora_alpha=8,32"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    alphas = sorted(json.loads((sweep / str(i) / "metrics.json").read_text())["sft.lora_alpha"] for i in (0, 1))
-    assert alphas == [8, 32]
-    assert (sweep / "0" / "answers.jsonl").is_file() and (sweep / "1" / "cpt_model" / "config.json").is_file()
-
-
 AUDIT = """
 import os, sys
 def _no_network(event, args):

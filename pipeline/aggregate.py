@@ -1,0 +1,259 @@
+"""One results table per sweep: read every job directory of a multirun and write the sweep-wide files.
+
+    python -m pipeline.aggregate outputs/sweeps/<time>     # on demand (interrupted sweeps, failed jobs)
+
+It also runs by itself when a multirun ends (conf/config.yaml registers AggregateCallback); Hydra skips that callback
+when a job fails, hence the command. Written into the sweep directory:
+- results.csv / results.md: one row per job (the swept override keys as columns, named like the keys, then the
+  metrics), reference rows for the base model and for each distinct CPT model, failed jobs with their error; sorted by
+  retention of the headline metric.
+- heatmap_<metric>.png: SFT lora_alpha × SFT target_modules (the swept sft.* keys), one panel per CPT setting.
+- answers.md: per question, the gold answer, the base and CPT answers and every cell's SFT answer side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+METRICS = ["exact_match", "contains", "char_f1", "logprob", "eos_rate"]
+HEATMAP_METRICS = ["retention", "sft/contains", "logprob_gain_kept"]
+
+
+def _value(text: str):
+    """'32' → 32, '0.5' → 0.5, anything else stays a string (as typed in the override)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_jobs(sweep_dir: Path) -> List[dict]:
+    from omegaconf import OmegaConf
+
+    jobs = []
+    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra" / "overrides.yaml").is_file()]
+    for d in sorted(dirs, key=lambda p: (len(p.name), p.name)):
+        overrides = {}
+        for o in OmegaConf.load(d / ".hydra" / "overrides.yaml"):
+            key, _, val = str(o).partition("=")
+            key = key.lstrip("+~")
+            if not key.startswith("hydra."):
+                overrides[key] = _value(val)
+        job = {"job": d.name, "dir": d, "overrides": overrides, "metrics": {}, "error": None}
+        if (d / "metrics.json").is_file():
+            job["metrics"] = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+            job["status"] = "ok"
+        elif (d / "error.txt").is_file():
+            job["status"], job["error"] = "failed", (d / "error.txt").read_text(encoding="utf-8").strip()
+        else:
+            job["status"], job["error"] = "incomplete", "no metrics.json (interrupted or still running)"
+        jobs.append(job)
+    return jobs
+
+
+def swept_keys(jobs: List[dict]) -> List[str]:
+    """Override keys whose value differs between jobs (all override keys for a single job), in first-seen order."""
+    keys: List[str] = []
+    for j in jobs:
+        keys += [k for k in j["overrides"] if k not in keys]
+    if len(jobs) <= 1:
+        return keys
+    return [k for k in keys if len({repr(j["overrides"].get(k)) for j in jobs}) > 1]
+
+
+def _model_metrics(m: Dict, model: str) -> Dict:
+    out = {name: m.get(f"{model}/{name}") for name in METRICS}
+    out.update({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{model}/") and "@" in k})
+    return out
+
+
+def results_table(jobs: List[dict]):
+    import pandas as pd
+
+    keys = swept_keys(jobs)
+    ok = [j for j in jobs if j["status"] == "ok"]
+    rows = []
+    if ok and "base/contains" in ok[0]["metrics"]:
+        rows.append({"row": "base", "job": "", "status": "reference", **{k: None for k in keys},
+                     **_model_metrics(ok[0]["metrics"], "base")})
+    seen = set()
+    for j in ok:
+        m = j["metrics"]
+        key = m.get("key/merge") or m.get("cpt_model")
+        if key and key not in seen and "cpt/contains" in m:
+            seen.add(key)
+            rows.append({"row": "cpt", "job": j["job"], "status": "reference",
+                         **{k: (j["overrides"].get(k) if not k.startswith(("sft.", "eval.")) else None)
+                            for k in keys},
+                         **_model_metrics(m, "cpt"), "knowledge_gain": m.get("knowledge_gain"),
+                         "logprob_gain": m.get("logprob_gain")})
+    for j in jobs:
+        m = j["metrics"]
+        rows.append({"row": "sft", "job": j["job"], "status": j["status"],
+                     **{k: j["overrides"].get(k) for k in keys}, **_model_metrics(m, "sft"),
+                     "retention": m.get("retention"), "knowledge_gain": m.get("knowledge_gain"),
+                     "logprob_gain": m.get("logprob_gain"), "logprob_gain_kept": m.get("logprob_gain_kept"),
+                     "headline_metric": m.get("headline_metric"), "stage/cpt": m.get("stage/cpt"),
+                     "error": j["error"]})
+    df = pd.DataFrame(rows)
+    order = {"base": 0, "cpt": 1, "sft": 2}
+    df["_kind"] = df["row"].map(order)
+    df["_failed"] = df["status"].isin(["failed", "incomplete"])
+    sort_ret = df["retention"] if "retention" in df else 0
+    df["_ret"] = pd.to_numeric(sort_ret, errors="coerce").fillna(-math.inf)
+    df = df.sort_values(["_kind", "_failed", "_ret"], ascending=[True, True, False], kind="stable")
+    df = df.drop(columns=["_kind", "_failed", "_ret"])
+    return df.reset_index(drop=True), keys
+
+
+def heatmaps(df, keys: List[str], out_dir: Path) -> List[Path]:
+    """One PNG per metric: x = first swept sft.* key, y = second (if any), one panel per CPT setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sft_keys = [k for k in keys if k.startswith("sft.")]
+    cpt_keys = [k for k in keys if not k.startswith(("sft.", "eval."))]
+    jobs = df[(df["row"] == "sft") & (df["status"] == "ok")]
+    if not sft_keys or jobs.empty:
+        log.info("no heatmap: the sweep varies no sft.* key")
+        return []
+    x_key = "sft.lora_alpha" if "sft.lora_alpha" in sft_keys else sft_keys[0]
+    y_key = next((k for k in sft_keys if k != x_key), None)
+    panels = [tuple(r) for r in jobs[cpt_keys].drop_duplicates().itertuples(index=False)] if cpt_keys else [()]
+    written = []
+    for metric in HEATMAP_METRICS:
+        col = metric.split("/", 1)[1] if metric.startswith("sft/") else metric
+        if col not in jobs:
+            continue
+        xs = sorted(jobs[x_key].dropna().unique(), key=str)
+        ys = sorted(jobs[y_key].dropna().unique(), key=str) if y_key else [None]
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.6 * len(xs) * len(panels), 1.6 + 0.7 * len(ys)),
+                                 squeeze=False)
+        vals = jobs[col].astype(float)
+        vmin, vmax = (np.nanmin(vals), np.nanmax(vals)) if vals.notna().any() else (0, 1)
+        for ax, panel in zip(axes[0], panels):
+            sel = jobs
+            for k, v in zip(cpt_keys, panel):
+                sel = sel[sel[k] == v]
+            grid = np.full((len(ys), len(xs)), np.nan)
+            for _, r in sel.iterrows():
+                yi = ys.index(r[y_key]) if y_key else 0
+                grid[yi, xs.index(r[x_key])] = r[col]
+            im = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+            for yi in range(len(ys)):
+                for xi in range(len(xs)):
+                    if not np.isnan(grid[yi, xi]):
+                        ax.text(xi, yi, f"{grid[yi, xi]:.2f}", ha="center", va="center",
+                                color="white" if grid[yi, xi] < (vmin + vmax) / 2 else "black")
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+            ax.set_yticks(range(len(ys)), [str(y) for y in ys] if y_key else [""])
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(y_key or "")
+            ax.set_title(", ".join(f"{k}={v}" for k, v in zip(cpt_keys, panel)) or "all jobs", fontsize=9)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle(metric)
+        path = out_dir / f"heatmap_{metric.replace('/', '_')}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def answer_sheet(jobs: List[dict], keys: List[str], path: Path) -> None:
+    """Per question: gold, base, each distinct CPT model's and each cell's SFT answer, side by side."""
+    ok = [j for j in jobs if j["status"] == "ok" and (j["dir"] / "answers.jsonl").is_file()]
+    if not ok:
+        path.write_text("# Answers\n\nNo job finished its evaluation.\n", encoding="utf-8")
+        return
+    per_job = {j["job"]: [json.loads(x) for x in (j["dir"] / "answers.jsonl").read_text(encoding="utf-8")
+                          .splitlines()] for j in ok}
+
+    def label(j, only_cpt=False):
+        ks = [k for k in keys if not (only_cpt and k.startswith(("sft.", "eval.")))]
+        return ", ".join(f"{k}={j['overrides'].get(k)}" for k in ks) or f"job {j['job']}"
+
+    def cell(text):
+        return str(text).replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+    lines = [f"# Answers side by side ({len(ok)} jobs)", ""]
+    first = per_job[ok[0]["job"]]
+    for qi, q in enumerate(first):
+        alias = f" (also: {', '.join(q['aliases'])})" if q.get("aliases") else ""
+        lines += [f"## {q['id']} {q['question']}", "", f"gold: **{q['gold']}**{alias}", "",
+                  "| model | answer | contains |", "|---|---|---|"]
+        if "base" in q:
+            lines.append(f"| base | {cell(q['base']['answer'])} | {q['base']['contains']:.0f} |")
+        seen = set()
+        for j in ok:
+            a = per_job[j["job"]][qi]
+            cpt_label = label(j, only_cpt=True)
+            if "cpt" in a and cpt_label not in seen:
+                seen.add(cpt_label)
+                lines.append(f"| cpt ({cpt_label}) | {cell(a['cpt']['answer'])} | {a['cpt']['contains']:.0f} |")
+        for j in ok:
+            a = per_job[j["job"]][qi]
+            if "sft" in a:
+                lines.append(f"| sft ({label(j)}) | {cell(a['sft']['answer'])} | {a['sft']['contains']:.0f} |")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def aggregate(sweep_dir: str | Path) -> Optional[Path]:
+    """Write results.csv, results.md, heatmaps and answers.md into `sweep_dir`; returns results.csv's path."""
+    sweep_dir = Path(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no job directories (with .hydra/overrides.yaml) found")
+    df, keys = results_table(jobs)
+    df.to_csv(sweep_dir / "results.csv", index=False)
+    n_ok = sum(j["status"] == "ok" for j in jobs)
+    headline = next((j["metrics"].get("headline_metric") for j in jobs if j["metrics"]), "?")
+    md = [f"# Sweep {sweep_dir.name}", "",
+          f"{len(jobs)} jobs: {n_ok} ok, {len(jobs) - n_ok} failed or incomplete. Swept: {', '.join(keys) or '-'}. "
+          f"Headline metric: {headline}; retention = SFT / CPT.", "",
+          df.to_markdown(index=False, floatfmt=".3f")]
+    (sweep_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    heatmaps(df, keys, sweep_dir)
+    answer_sheet(jobs, keys, sweep_dir / "answers.md")
+    log.info("sweep results: %s (%d jobs, %d ok)", sweep_dir / "results.md", len(jobs), n_ok)
+    return sweep_dir / "results.csv"
+
+
+class AggregateCallback(Callback):
+    """Hydra callback: aggregate the sweep when a multirun ends (Hydra skips it if a job failed)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = aggregate(Path(config.hydra.sweep.dir))
+        print(f"sweep results: {path.with_suffix('.md')}")
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m pipeline.aggregate SWEEP_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = aggregate(argv[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"sweep results: {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

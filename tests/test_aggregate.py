@@ -1,0 +1,63 @@
+"""One results table per sweep: a 2x2 grid end to end, and aggregation of a sweep with a failed job."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_overrides
+from pipeline.aggregate import aggregate, main as aggregate_main
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_model, data_files, tmp_path_factory):
+    sweep = tmp_path_factory.mktemp("grid") / "sweep"
+    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}),
+                 "sft.lora_alpha=8,32", "sft.target_modules=attn_mlp,attn"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sweep, r
+
+
+def test_grid_writes_the_sweep_files(grid):
+    sweep, r = grid
+    assert f"sweep results: {sweep / 'results.md'}" in r.stdout  # the end-of-multirun callback ran
+    df = pd.read_csv(sweep / "results.csv")
+    assert list(df["row"]) == ["base", "cpt", "sft", "sft", "sft", "sft"]  # one CPT setting: one CPT reference row
+    jobs = df[df["row"] == "sft"]
+    assert {"sft.lora_alpha", "sft.target_modules", "contains", "retention", "logprob_gain_kept"} <= set(df.columns)
+    assert sorted(zip(jobs["sft.lora_alpha"], jobs["sft.target_modules"])) == [
+        (8, "attn"), (8, "attn_mlp"), (32, "attn"), (32, "attn_mlp")]
+    assert list(jobs["stage/cpt"]).count("built") == 1  # the CPT stage was trained once for the four cells
+    ret = pd.to_numeric(jobs["retention"], errors="coerce").fillna(-1).tolist()
+    assert ret == sorted(ret, reverse=True)
+    md = (sweep / "results.md").read_text()
+    assert "| row" in md and "sft.lora_alpha" in md
+    for metric in ("retention", "sft_contains", "logprob_gain_kept"):
+        assert (sweep / f"heatmap_{metric}.png").stat().st_size > 1000
+    sheet = (sweep / "answers.md").read_text()
+    assert sheet.count("## q") == 3 and sheet.count("| sft (sft.lora_alpha=") == 3 * 4
+    assert "| base |" in sheet and "gold: **880トン** (also: 880t)" in sheet
+
+
+def test_aggregate_with_a_failed_job(grid, tmp_path):
+    sweep, _ = grid
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, symlinks=True)
+    for f in copy.glob("results.*"):
+        f.unlink()
+    failed = copy / "4"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "overrides.yaml").write_text("- sft.lora_alpha=64\n- sft.target_modules=attn\n")
+    (failed / "error.txt").write_text("PipelineError: sft.target_modules: module 'x' does not exist\n")
+    assert aggregate_main([str(copy)]) == 0
+    df = pd.read_csv(copy / "results.csv", dtype={"job": str})
+    row = df[df["job"] == "4"].iloc[0]
+    assert row["status"] == "failed" and "does not exist" in row["error"] and row["sft.lora_alpha"] == 64
+    assert df.iloc[-1]["job"] == "4"  # failed jobs sort last
+
+
+def test_aggregate_of_an_empty_directory(tmp_path, capsys):
+    assert aggregate_main([str(tmp_path)]) == 2
+    assert "no job directories" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+"""The stage cache: stable keys, one build per key under concurrency, interrupted builds never reused."""
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import tiny_overrides
+from pipeline.cache import StageCache, list_entries, main as cache_main, prune, stage_key
+from pipeline.common import atomic_output, is_complete
+from pipeline.run import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_keys_follow_dependencies_not_operations(tiny_model, data_files, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **{"cache.dir": cache})), tmp_path / "a")
+    assert [first[f"stage/{s}"] for s in ("cpt", "merge", "sft", "eval")] == ["built"] * 4
+
+    # operational changes only: everything is reused, under the same keys
+    same = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **{
+        "cache.dir": cache, "cpt.logging_steps": 1, "eval.batch_size": 1, "debug": "true"})), tmp_path / "b")
+    assert [same[f"stage/{s}"] for s in ("cpt", "merge", "sft", "eval")] == ["reused"] * 4
+    assert all(same[f"key/{s}"] == first[f"key/{s}"] for s in ("cpt", "merge", "sft", "eval"))
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["sft/contains"] == first["sft/contains"]
+    assert (tmp_path / "b" / "cpt_adapter").is_symlink() and is_complete(tmp_path / "b" / "cpt_adapter")
+
+    # an SFT change keeps CPT and merge, rebuilds SFT and eval
+    sft_change = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **{
+        "cache.dir": cache, "sft.lora_alpha": 7})), tmp_path / "c")
+    assert [sft_change[f"stage/{s}"] for s in ("cpt", "merge", "sft", "eval")] == ["reused", "reused", "built",
+                                                                                  "built"]
+    # a CPT change (or a new seed) invalidates the whole chain
+    for override in ({"cpt.lora_alpha": 7}, {"seed": 1}):
+        m = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **{"cache.dir": cache, **override})),
+                         tmp_path / f"d{len(override)}{list(override)[0]}")
+        assert all(m[f"stage/{s}"] == "built" for s in ("cpt", "merge", "sft", "eval"))
+
+
+def test_key_is_stable_and_sensitive():
+    material = {"cpt": {"lora_alpha": 32, "r": 16}, "seed": 42}
+    assert stage_key("cpt", material) == stage_key("cpt", {"seed": 42, "cpt": {"r": 16, "lora_alpha": 32}})
+    assert stage_key("cpt", material) != stage_key("cpt", {**material, "seed": 43})
+    assert stage_key("cpt", material) != stage_key("sft", material)
+
+
+def _racer(root, log_path):
+    def build(out):
+        with atomic_output(out) as tmp:
+            with open(log_path, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.5)  # a slow build: the others must wait, not build again
+            (tmp / "result.txt").write_text("done")
+
+    path, reused = StageCache(root).get_or_build("cpt", "k" * 16, build)
+    assert (path / "result.txt").read_text() == "done"
+
+
+def test_racing_processes_build_once(tmp_path):
+    log_path = tmp_path / "builds.log"
+    procs = [mp.get_context("spawn").Process(target=_racer, args=(tmp_path / "cache", log_path)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len(log_path.read_text().splitlines()) == 1
+
+
+def test_killed_build_is_never_reused(tiny_model, data_files, tmp_path):
+    cache = tmp_path / "cache"
+    slow = {"cache.dir": cache, "cpt.max_steps": 400, "stages": "[cpt]"}  # ~10 s: long enough to be killed
+    args = tiny_overrides(tiny_model, data_files, **slow, **{"hydra.run.dir": tmp_path / "killed"})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((cache / "cpt").glob("*.tmp-*")):
+            time.sleep(0.2)
+        assert list((cache / "cpt").glob("*.tmp-*")), "CPT never started"
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftovers = list((cache / "cpt").glob("*.tmp-*"))
+    assert leftovers and not any(is_complete(p) for p in leftovers)
+
+    # the same key, run again: built afresh (the leftover is ignored), then complete
+    again = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **slow)), tmp_path / "again")
+    assert again["stage/cpt"] == "built"
+    assert [r["state"] for r in list_entries(cache) if ".tmp-" in r["key"]] == ["partial (never reused)"]
+    removed = prune(cache)
+    assert removed == [f"cpt/{leftovers[0].name} (interrupted build)"]
+    assert [r["stage"] for r in list_entries(cache)] == ["cpt"]
+
+
+def _mk(out):
+    with atomic_output(out) as tmp:
+        (tmp / "x").write_text("1")
+
+
+def test_cache_cli_list_and_prune(tmp_path, capsys):
+    cache = StageCache(tmp_path / "c")
+    for stage in ("cpt", "sft"):
+        cache.get_or_build(stage, "a" * 16, _mk)
+    assert cache_main(["--root", str(tmp_path / "c"), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cpt    aaaaaaaaaaaaaaaa" in out and "sft    aaaaaaaaaaaaaaaa" in out
+    assert cache_main(["--root", str(tmp_path / "c"), "prune"]) == 2  # needs a filter
+    assert cache_main(["--root", str(tmp_path / "c"), "prune", "--stage", "sft"]) == 0
+    assert [r["stage"] for r in list_entries(tmp_path / "c")] == ["cpt"]
+    assert cache_main(["--root", str(tmp_path / "c"), "prune", "--older-than", "1"]) == 0
+    assert [r["stage"] for r in list_entries(tmp_path / "c")] == ["cpt"]  # used just now
+    assert cache_main(["--root", str(tmp_path / "c"), "prune", "--all"]) == 0
+    assert list_entries(tmp_path / "c") == []
