@@ -107,6 +107,8 @@ def results_table(jobs: List[dict]):
                      "headline_metric": m.get("headline_metric"), "stage/cpt": m.get("stage/cpt"),
                      "error": j["error"]})
     df = pd.DataFrame(rows)
+    for k in keys:  # keep swept values as typed (32, not 32.0, beside the reference rows' blanks)
+        df[k] = pd.Series([r.get(k) for r in rows], dtype=object)
     order = {"base": 0, "cpt": 1, "sft": 2}
     df["_kind"] = df["row"].map(order)
     df["_failed"] = df["status"].isin(["failed", "incomplete"])
@@ -115,6 +117,11 @@ def results_table(jobs: List[dict]):
     df = df.sort_values(["_kind", "_failed", "_ret"], ascending=[True, True, False], kind="stable")
     df = df.drop(columns=["_kind", "_failed", "_ret"])
     return df.reset_index(drop=True), keys
+
+
+def _order(v):
+    """Numbers in numeric order, then strings."""
+    return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
 
 
 def heatmaps(df, keys: List[str], out_dir: Path) -> List[Path]:
@@ -139,8 +146,8 @@ def heatmaps(df, keys: List[str], out_dir: Path) -> List[Path]:
         col = metric.split("/", 1)[1] if metric.startswith("sft/") else metric
         if col not in jobs:
             continue
-        xs = sorted(jobs[x_key].dropna().unique(), key=str)
-        ys = sorted(jobs[y_key].dropna().unique(), key=str) if y_key else [None]
+        xs = sorted(jobs[x_key].dropna().unique(), key=_order)
+        ys = sorted(jobs[y_key].dropna().unique(), key=_order) if y_key else [None]
         fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.6 * len(xs) * len(panels), 1.6 + 0.7 * len(ys)),
                                  squeeze=False)
         vals = jobs[col].astype(float)
@@ -156,16 +163,16 @@ def heatmaps(df, keys: List[str], out_dir: Path) -> List[Path]:
             im = ax.imshow(grid, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
             for yi in range(len(ys)):
                 for xi in range(len(xs)):
-                    if not np.isnan(grid[yi, xi]):
-                        ax.text(xi, yi, f"{grid[yi, xi]:.2f}", ha="center", va="center",
-                                color="white" if grid[yi, xi] < (vmin + vmax) / 2 else "black")
+                    v = grid[yi, xi]
+                    ax.text(xi, yi, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                            color="black" if np.isnan(v) or v >= (vmin + vmax) / 2 else "white")
             ax.set_xticks(range(len(xs)), [str(x) for x in xs])
             ax.set_yticks(range(len(ys)), [str(y) for y in ys] if y_key else [""])
             ax.set_xlabel(x_key)
             ax.set_ylabel(y_key or "")
             ax.set_title(", ".join(f"{k}={v}" for k, v in zip(cpt_keys, panel)) or "all jobs", fontsize=9)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-        fig.suptitle(metric)
+        fig.suptitle(metric, y=1.04)
         path = out_dir / f"heatmap_{metric.replace('/', '_')}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -225,7 +232,7 @@ def aggregate(sweep_dir: str | Path) -> Optional[Path]:
     md = [f"# Sweep {sweep_dir.name}", "",
           f"{len(jobs)} jobs: {n_ok} ok, {len(jobs) - n_ok} failed or incomplete. Swept: {', '.join(keys) or '-'}. "
           f"Headline metric: {headline}; retention = SFT / CPT.", "",
-          df.to_markdown(index=False, floatfmt=".3f")]
+          df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".3f")]
     (sweep_dir / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     heatmaps(df, keys, sweep_dir)
     answer_sheet(jobs, keys, sweep_dir / "answers.md")

@@ -91,3 +91,25 @@ def test_seed_grid_experiment_runs_eight_cells(tiny_model, data_files, tmp_path)
         cells.add((m["cpt.lora_alpha"], m["sft.lora_alpha"], m["sft.target_modules"]))
         assert m["cpt.target_modules"] == "attn_mlp_embed"
     assert cells == {(c, s, t) for c in (32, 128) for s in (8, 32) for t in ("attn_mlp", "attn")}
+
+
+def test_parallel_launcher_builds_each_cpt_key_once(tiny_model, data_files, tmp_path):
+    """Two joblib workers, two cells sharing one CPT setting: one worker trains CPT, the other waits and reuses it."""
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", "hydra/launcher=parallel", *tiny_overrides(tiny_model, data_files, **{
+        "hydra.sweep.dir": sweep, "cache.dir": tmp_path / "cache", "cpt.max_steps": 30}), "sft.lora_alpha=8,32"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    status = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert sorted(m["stage/cpt"] for m in status) == ["built", "reused"]
+    assert status[0]["key/cpt"] == status[1]["key/cpt"]
+    assert len(list((tmp_path / "cache" / "cpt").glob("*/.complete"))) == 1
+    assert (sweep / "results.csv").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_launcher_configs_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
