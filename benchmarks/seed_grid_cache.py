@@ -22,7 +22,9 @@ def sweep(sweep_dir: Path, extra: list) -> float:
     cmd = [sys.executable, "-m", "pipeline.run", "-m", "+experiment=seed_grid", f"hydra.sweep.dir={sweep_dir}",
            *extra]
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"sweep failed ({' '.join(cmd[2:])}):\n{r.stderr[-3000:]}")
     return time.time() - t0
 
 

@@ -32,7 +32,8 @@ from .common import COMPLETE_MARKER, is_complete
 log = logging.getLogger(__name__)
 
 # Bump a stage's version when its code changes what it produces: old entries then stop matching.
-STAGE_VERSIONS = {"cpt": 1, "merge": 1, "sft": 1, "eval": 1}
+# eval 2: Japanese-aware normalisation (kanji numerals, units, copula), transitions, general QA, held-out perplexity.
+STAGE_VERSIONS = {"cpt": 1, "merge": 1, "sft": 1, "eval": 2}
 LAST_USED = ".last_used"
 
 
@@ -113,7 +114,9 @@ class StageCache:
 
 
 def _touch(path: Path) -> None:
-    (path / LAST_USED).write_text(f"{time.time():.0f}\n")
+    tmp = path / f"{LAST_USED}.{os.getpid()}"
+    tmp.write_text(f"{time.time():.0f}\n")
+    os.replace(tmp, path / LAST_USED)  # a reader never sees a half-written time
 
 
 def _entries(root: Path):
@@ -127,8 +130,10 @@ def _size(path: Path) -> int:
 
 
 def _last_used(entry: Path) -> float:
-    f = entry / LAST_USED
-    return float(f.read_text()) if f.is_file() else entry.stat().st_mtime
+    try:
+        return float((entry / LAST_USED).read_text())
+    except (OSError, ValueError):
+        return entry.stat().st_mtime
 
 
 def list_entries(root: Path) -> list:
@@ -142,7 +147,9 @@ def list_entries(root: Path) -> list:
 
 def prune(root: Path, older_than_days: Optional[float] = None, stage: Optional[str] = None,
           everything: bool = False) -> list:
-    """Delete entries matching the filters (all filters given must match), with their lock and metadata files.
+    """Delete entries matching the filters (all filters given must match; --all alone matches every entry).
+
+    A stage that a running job is *reading* is not locked: prune entries that no running sweep needs.
 
     Leftovers of interrupted builds (`<key>.tmp-*`) are always deleted, unless a builder still holds the key's lock.
     """
@@ -160,16 +167,20 @@ def prune(root: Path, older_than_days: Optional[float] = None, stage: Optional[s
             except Timeout:
                 pass  # being built right now
             continue
-        matches = everything or (
+        matches = (
             (stage is None or st == stage)
             and (older_than_days is None or time.time() - _last_used(entry) > older_than_days * 86400)
-            and (stage is not None or older_than_days is not None)
+            and (everything or stage is not None or older_than_days is not None)
         )
-        if matches:
-            shutil.rmtree(entry, ignore_errors=True)
-            for side in (entry.with_name(key + ".lock"), entry.with_name(key + ".json")):
-                side.unlink(missing_ok=True)
+        if not matches:
+            continue
+        try:  # a job that is building this key holds its lock: leave it alone
+            with FileLock(str(entry.with_name(key + ".lock")), timeout=0):
+                shutil.rmtree(entry, ignore_errors=True)
+                entry.with_name(key + ".json").unlink(missing_ok=True)
             removed.append(f"{st}/{key}")
+        except Timeout:
+            pass
     return removed
 
 

@@ -61,6 +61,8 @@ class DataConfig:
     cpt: DataPath = field(default_factory=DataPath)
     sft: DataPath = field(default_factory=DataPath)
     qa: DataPath = field(default_factory=DataPath)
+    general_qa: DataPath = field(default_factory=DataPath)  # facts the base model knows: the price of CPT/SFT
+    heldout: DataPath = field(default_factory=DataPath)  # untrained domain text (.jsonl `text` / .txt): perplexity
 
 
 @dataclass
@@ -114,6 +116,12 @@ class EvalConfig:
     batch_size: int = 16
     headline_metric: str = "contains"  # exact_match, contains, char_f1 or logprob
     max_questions: Optional[int] = None  # evaluate only the first N questions (quick checks)
+    # The SFT answers' expected shape, a regex matched against the whole stripped answer (e.g. ".{1,30}です。");
+    # null: an answer is in format when it is non-empty, stopped by itself and not repetitive.
+    expected_format: Optional[str] = None
+    judge_path: Optional[str] = None  # a local model that also grades answers (はい/いいえ); off when null
+    judge_prompt: str = ("質問: {question}\n正解: {gold}\n回答: {answer}\n"
+                         "回答は正解と同じ内容ですか？ はい か いいえ で答えてください。\n答え: ")
 
 
 SECTIONS = {

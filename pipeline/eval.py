@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -72,6 +74,35 @@ def answer_logprobs(model, tokenizer, contexts: Sequence[str], answers: Sequence
             targets = torch.tensor(a)
             out.append(logp[i, positions, targets].mean().item())
     return out
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int, device: torch.device,
+             max_length: int = 1024) -> Tuple[float, int]:
+    """Summed negative log-likelihood and token count of `texts` (each scored on its own, first token excluded)."""
+    total, count = 0.0, 0
+    encoded = [tokenizer(t)["input_ids"][:max_length] for t in texts]
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = max(len(e) for e in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(batch):
+            ids[i, :len(e)] = torch.tensor(e)
+            mask[i, :len(e)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        keep = mask[:, 1:].to(device).bool()
+        total -= logp[keep].sum().item()
+        count += int(keep.sum().item())
+    return total, count
+
+
+_REPEAT = re.compile(r"(.{2,10}?)\1\1")  # a 2-10 character piece three times in a row: "工場工場工場"
+
+
+def is_repetitive(text: str) -> bool:
+    return bool(_REPEAT.search(text))
 
 
 @torch.no_grad()
@@ -135,8 +166,33 @@ def score_model(kind: str, model, tok, qa: List[QAItem], cfg: EvalConfig, model_
         row.update({name: fn(text, q.answer, q.aliases) for name, fn in STRING_METRICS.items()})
         if kind == "sft":
             row["ended_with_eos"] = stopped
+            row["repetitive"] = is_repetitive(text)
+            row["in_format"] = (bool(re.fullmatch(cfg.expected_format, text)) if cfg.expected_format
+                                else bool(text) and stopped and not row["repetitive"])
         rows.append(row)
     return rows
+
+
+def judge_rows(judge, judge_tok, qa: List[QAItem], rows: List[dict], cfg: EvalConfig, dev) -> None:
+    """Add `judge` (1.0/0.0) to each row: does the judge model find はい likelier than いいえ?"""
+    prompts = [cfg.judge_prompt.format(question=q.question, gold=q.answer, answer=r["answer"])
+               for q, r in zip(qa, rows)]
+    yes = answer_logprobs(judge, judge_tok, prompts, ["はい"] * len(prompts), cfg.batch_size, dev)
+    no = answer_logprobs(judge, judge_tok, prompts, ["いいえ"] * len(prompts), cfg.batch_size, dev)
+    for r, y, n in zip(rows, yes, no):
+        r["judge"] = float(y > n)
+
+
+TRANSITIONS = ("known_before", "learned_kept", "learned_lost", "not_learned", "sft_only")
+
+
+def transition(base: float, cpt: float, sft: float) -> str:
+    """Where a question's knowledge came from and whether it survived SFT (by answer-contained)."""
+    if base:
+        return "known_before"
+    if cpt:
+        return "learned_kept" if sft else "learned_lost"
+    return "sft_only" if sft else "not_learned"
 
 
 def summarize(per_model: Dict[str, List[dict]], headline: str, groups: Optional[Sequence[Optional[str]]] = None
@@ -153,6 +209,10 @@ def summarize(per_model: Dict[str, List[dict]], headline: str, groups: Optional[
         metrics[f"{kind}/answer_chars"] = sum(len(r["answer"]) for r in rows) / n
         if kind == "sft":
             metrics["sft/eos_rate"] = sum(r["ended_with_eos"] for r in rows) / n
+            metrics["sft/repetition_rate"] = sum(r["repetitive"] for r in rows) / n
+            metrics["sft/format_rate"] = sum(r["in_format"] for r in rows) / n
+        if rows and "judge" in rows[0]:
+            metrics[f"{kind}/judge"] = sum(r["judge"] for r in rows) / n
     metrics["headline_metric"] = headline
     base, cpt, sft = (metrics.get(f"{k}/{headline}") for k in MODEL_NAMES)
     metrics["knowledge_gain"] = cpt - base if cpt is not None and base is not None else None
@@ -173,11 +233,17 @@ def _gain_kept(base, cpt, sft):
 
 
 def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict[str, Tuple[str, Optional[str]]],
-             out_dir: str | Path, device: str = "auto") -> Path:
+             out_dir: str | Path, device: str = "auto", general_qa_path: Optional[str] = None,
+             heldout_path: Optional[str] = None) -> Path:
     """Score the QA set on each of `models` ({"base": (dir, None), "cpt": (dir, None), "sft": (dir, adapter)}).
 
-    Writes answers.jsonl (one line per question, all models side by side) and eval_metrics.json to `out_dir`.
+    Optionally also a general-knowledge QA set (`<model>/general_<metric>`) and the perplexity of held-out domain text
+    (`<model>/heldout_ppl`). Writes answers.jsonl (one line per question, all models side by side, with the
+    question's transition base → CPT → SFT), lost_questions.jsonl (learned by CPT, lost after SFT) and
+    eval_metrics.json to `out_dir`.
     """
+    from .data import load_cpt_documents
+
     if cfg.headline_metric not in HEADLINE_METRICS:
         raise PipelineError(f"eval.headline_metric={cfg.headline_metric!r}: use one of {', '.join(HEADLINE_METRICS)}")
     out_dir = Path(out_dir)
@@ -186,25 +252,59 @@ def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict
     qa = load_qa(qa_path)
     if cfg.max_questions:
         qa = qa[: cfg.max_questions]
+    general = load_qa(general_qa_path, key="data.general_qa.path") if general_qa_path else []
+    heldout = load_cpt_documents(heldout_path, key="data.heldout.path") if heldout_path else []
     per_model: Dict[str, List[dict]] = {}
+    per_model_general: Dict[str, List[dict]] = {}
+    extra: Dict[str, float] = {}
     for kind in MODEL_NAMES:
         if kind not in models:
             continue
         t0 = time.time()
         model, tok = _load(kind, models, model_cfg, dev, dtype)
         per_model[kind] = score_model(kind, model, tok, qa, cfg, model_cfg, dev)
+        if general:
+            per_model_general[kind] = score_model(kind, model, tok, general, cfg, model_cfg, dev)
+        if heldout:
+            nll, n_tok = text_nll(model, tok, heldout, cfg.batch_size, dev)
+            extra[f"{kind}/heldout_ppl"] = math.exp(nll / n_tok)
         rows = per_model[kind]
-        log.info("eval %-4s: %d questions in %.1fs; contains %.3f, exact %.3f, logprob %.3f", kind, len(qa),
+        log.info("eval %-4s: %d questions in %.1fs; contains %.3f, exact %.3f, logprob %.3f%s", kind, len(qa),
                  time.time() - t0, sum(r["contains"] for r in rows) / len(rows),
-                 sum(r["exact_match"] for r in rows) / len(rows), sum(r["logprob"] for r in rows) / len(rows))
+                 sum(r["exact_match"] for r in rows) / len(rows), sum(r["logprob"] for r in rows) / len(rows),
+                 f", held-out ppl {extra[f'{kind}/heldout_ppl']:.1f}" if heldout else "")
         del model
+    if cfg.judge_path:
+        judge = load_model(cfg.judge_path, dtype, dev, model_cfg.trust_remote_code).eval()
+        judge_tok = load_tokenizer(cfg.judge_path, model_cfg.trust_remote_code)
+        for rows in per_model.values():
+            judge_rows(judge, judge_tok, qa, rows, cfg, dev)
+        del judge
     metrics = summarize(per_model, cfg.headline_metric, [q.group for q in qa])
     metrics["n_questions"] = len(qa)
+    metrics.update(extra)
+    if general:
+        g = summarize(per_model_general, cfg.headline_metric)
+        for kind in per_model_general:
+            for name in (*STRING_METRICS, "logprob"):
+                metrics[f"{kind}/general_{name}"] = g[f"{kind}/{name}"]
+        metrics["n_general_questions"] = len(general)
+    transitions = None
+    if all(k in per_model for k in MODEL_NAMES):
+        transitions = [transition(b["contains"], c["contains"], s["contains"])
+                       for b, c, s in zip(*(per_model[k] for k in MODEL_NAMES))]
+        for t in TRANSITIONS:
+            metrics[f"transitions/{t}"] = transitions.count(t)
     with atomic_output(out_dir) as tmp:
-        with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f:
+        with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f, \
+                open(tmp / "lost_questions.jsonl", "w", encoding="utf-8") as lost:
             for i, q in enumerate(qa):
                 line = {"id": q.id, "question": q.question, "gold": q.answer, "aliases": q.aliases, "group": q.group}
+                if transitions:
+                    line["transition"] = transitions[i]
                 line.update({kind: rows[i] for kind, rows in per_model.items()})
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                if transitions and transitions[i] == "learned_lost":
+                    lost.write(json.dumps(line, ensure_ascii=False) + "\n")
         write_json(tmp / "eval_metrics.json", metrics)
     return out_dir

@@ -41,11 +41,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def _save_dtype(name: str, base_path: str) -> torch.dtype:
+def _save_dtype(name: str, base_path: str, trust_remote_code: bool = False) -> torch.dtype:
     if name == "auto":
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(base_path)
+        cfg = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
         name = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32")
         name = name.replace("torch.", "")
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +83,7 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
         raise PipelineError(f"merge check failed: the base model's embeddings are {'tied' if base_tied else 'untied'}"
                             f" but the merged model's are not; refusing to save")
 
-    save_dtype = _save_dtype(cfg.save_dtype, model_cfg.path)
+    save_dtype = _save_dtype(cfg.save_dtype, model_cfg.path, model_cfg.trust_remote_code)
     # What the saved file must reproduce: the merged weights as stored (a bf16 save rounds them once). Only the
     # parameters are rounded: buffers such as RoPE frequencies are not saved and are rebuilt in fp32 on reload.
     with torch.no_grad():
@@ -94,7 +94,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     with atomic_output(out_dir) as tmp:
         merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)  # tokenizer files incl. the chat template
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, use_safetensors=True).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, use_safetensors=True,
+                                                        trust_remote_code=model_cfg.trust_remote_code).eval()
         reload_diff = (_logits(reloaded, ids) - stored).abs().max().item()
         log.info("reload check: max |logit(merged) - logit(reloaded checkpoint)| = %.3g (tolerance %.0e)",
                  reload_diff, RELOAD_TOLERANCE)

@@ -70,7 +70,10 @@ def module_names(model: nn.Module, override: Optional[Dict[str, Any]] = None) ->
     for k, v in (override or {}).items():
         if k not in ("attn", "mlp", "embed", "lm_head"):
             raise PipelineError(f"model.modules.{k}: unknown group (attn, mlp, embed, lm_head)")
-        names[k] = list(v) if k in ("attn", "mlp") else str(v)
+        if k in ("attn", "mlp"):
+            names[k] = [v] if isinstance(v, str) else list(v)  # list("c_attn") would split it into letters
+        else:
+            names[k] = str(v)
     return names
 
 

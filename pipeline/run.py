@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -24,10 +25,11 @@ import pipeline  # noqa: F401  (sets the offline environment before any Hugging 
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
-from .common import PipelineError, check_model_dir, is_complete, write_json
+from .common import PipelineError, check_model_dir, is_complete, resolve_device, resolve_dtype, write_json
 from .config import EvalConfig, flat_config, typed
 from .data import CPT_SUFFIXES, resolve_files
 
@@ -90,18 +92,40 @@ def validate(cfg: DictConfig, stages: list) -> None:
         load_sft_records(data_cfg.sft.path)
     if "eval" in stages:
         load_qa(data_cfg.qa.path)
+        if data_cfg.general_qa.path:
+            load_qa(data_cfg.general_qa.path, key="data.general_qa.path")
+        if data_cfg.heldout.path:
+            load_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
+        if ev.judge_path:
+            check_model_dir(ev.judge_path, key="eval.judge_path")
+        if ev.expected_format:
+            try:
+                re.compile(ev.expected_format)
+            except re.error as e:
+                raise PipelineError(f"eval.expected_format={ev.expected_format!r}: not a valid regex ({e})") from None
         if ev.headline_metric not in HEADLINE_METRICS:
             raise PipelineError(f"eval.headline_metric={ev.headline_metric!r}: use one of "
                                 f"{', '.join(HEADLINE_METRICS)}")
         bad = [m for m in ev.models if m not in ("base", "cpt", "sft")]
         if bad:
             raise PipelineError(f"eval.models: unknown model(s) {bad}; use base, cpt, sft")
+        has_cpt = "merge" in stages or cfg.inputs.get("cpt_model")
+        has_sft = "sft" in stages or cfg.inputs.get("sft_adapter")
+        available = {"base"} | ({"cpt"} if has_cpt else set()) | ({"sft"} if has_cpt and has_sft else set())
+        if not set(ev.models) & available:
+            raise PipelineError(f"eval.models={list(ev.models)}: none of these models is available in this run "
+                                f"(available: {sorted(available)}; add stages or set inputs.cpt_model)")
+        if cfg.inputs.get("sft_adapter") and not has_cpt:
+            raise PipelineError("inputs.sft_adapter is set but there is no CPT model to load it on: set "
+                                "inputs.cpt_model (the model the adapter was trained on) or run merge")
     for key in ("cpt_adapter", "cpt_model", "sft_adapter"):
         if cfg.inputs.get(key):
             _require(cfg.inputs.get(key), key, "eval")
     for stage, key in NEEDS.items():
         if stage in stages and STAGES[STAGES.index(stage) - 1] not in stages:
             _require(cfg.inputs.get(key), key, stage)
+    if "sft" in stages or "eval" in stages:
+        _chat_template_text(model_cfg)  # a missing .jinja file is an error, not a template
     if not (model_cfg.build_demo_if_missing and not Path(model_cfg.path).exists()):
         check_model_dir(model_cfg.path)
         meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
@@ -116,15 +140,18 @@ def _settings(section) -> dict:
     d = asdict(section)
     d.pop("logging_steps", None)
     if isinstance(section, EvalConfig):
-        d.pop("batch_size", None)  # batched and one-at-a-time generation give the same answers
+        d.pop("batch_size", None)  # batched and one-at-a-time greedy answers agree in fp32 (benchmarks/batched_eval.py)
     return d
 
 
+def _optional_fingerprint(spec: Optional[str], key: str, suffixes: tuple) -> Optional[str]:
+    return fingerprint_files(resolve_files(spec, key, suffixes)) if spec else None
+
+
 def _chat_template_text(model_cfg) -> Optional[str]:
-    tpl = model_cfg.chat_template
-    if tpl and tpl.endswith(".jinja") and Path(tpl).is_file():
-        return Path(tpl).read_text(encoding="utf-8")
-    return tpl
+    from .sft import chat_template_text
+
+    return chat_template_text(model_cfg.chat_template)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
@@ -172,7 +199,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         return record.get(f"key/{stage}") or fingerprint_model(paths[key])
 
     base_id = fingerprint_model(model_cfg.path)
-    model_settings = {"base": base_id, "dtype": model_cfg.dtype, "max_seq_length": model_cfg.max_seq_length,
+    # The resolved dtype, not "auto": a CPU (fp32) result is not a GPU (bf16) result. The device itself is not keyed.
+    dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(device))).replace("torch.", "")
+    model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
                       "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code}
     template = {"prompt_template": model_cfg.prompt_template, "chat_template": _chat_template_text(model_cfg)}
 
@@ -203,12 +232,16 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                 models["sft"] = (paths["cpt_model"], paths["sft_adapter"])
         models = {k: v for k, v in models.items() if k in ev.models}
         material = {**model_settings, **template, "eval": _settings(ev), "models": sorted(models),
-                    "cpt_model": identity("merge", "cpt_model") if "cpt" in models else None,
+                    "cpt_model": identity("merge", "cpt_model") if {"cpt", "sft"} & set(models) else None,
                     "sft_adapter": identity("sft", "sft_adapter") if "sft" in models else None,
-                    "qa": fingerprint_files(resolve_files(data_cfg.qa.path, "data.qa.path", (".jsonl",)))}
+                    "qa": fingerprint_files(resolve_files(data_cfg.qa.path, "data.qa.path", (".jsonl",))),
+                    "general_qa": _optional_fingerprint(data_cfg.general_qa.path, "data.general_qa.path", (".jsonl",)),
+                    "heldout": _optional_fingerprint(data_cfg.heldout.path, "data.heldout.path", CPT_SUFFIXES),
+                    "judge": fingerprint_model(ev.judge_path) if ev.judge_path else None}
         eval_dir = Path(run_stage("eval", "eval", material, lambda out: evaluation.evaluate(
-            ev, model_cfg, data_cfg.qa.path, models, out, device)))
-        shutil.copyfile(eval_dir / "answers.jsonl", run_dir / "answers.jsonl")
+            ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path)))
+        for name in ("answers.jsonl", "lost_questions.jsonl"):
+            shutil.copyfile(eval_dir / name, run_dir / name)
         metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
     else:
         metrics = {}
@@ -228,12 +261,21 @@ def format_table(metrics: Dict) -> str:
     cols = ["exact_match", "contains", "char_f1", "logprob", "eos_rate"]
     rows = {k: {c: metrics.get(f"{k}/{c}") for c in cols} for k in ("base", "cpt", "sft")
             if f"{k}/contains" in metrics}
+    if not rows:
+        return "\n(no model was evaluated)\n"
     table = pd.DataFrame.from_dict(rows, orient="index")[cols]
-    text = table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+    for col in ("general_contains", "heldout_ppl", "judge"):  # present only when configured
+        if any(f"{k}/{col}" in metrics for k in rows):
+            table[col] = [metrics.get(f"{k}/{col}") for k in rows]
 
     def fmt(v):
         return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else str(v)
 
+    text = table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+    if "transitions/learned_lost" in metrics:
+        text += "\n\nper question (contains): " + ", ".join(
+            f"{t} {metrics[f'transitions/{t}']}" for t in ("known_before", "learned_kept", "learned_lost",
+                                                            "not_learned", "sft_only"))
     h = metrics.get("headline_metric")
     groups = sorted({k.split("@", 1)[1] for k in metrics if "@" in k})
     if groups:
@@ -250,11 +292,14 @@ def main(cfg: DictConfig) -> Optional[float]:
     try:
         metrics = run_pipeline(cfg, run_dir)
     except BaseException as e:
-        # The sweep table reports failed jobs with this line (python -m pipeline.aggregate SWEEP_DIR).
-        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
+        # The sweep table reports failed jobs with this one line (python -m pipeline.aggregate SWEEP_DIR).
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
         if not isinstance(e, PipelineError) or cfg.get("debug"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # the other cells still run; the sweep's table lists this one as failed and exits 1
         sys.exit(2)
     log.info("run directory: %s", run_dir)
     return metrics.get("retention")

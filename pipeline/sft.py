@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -28,12 +28,20 @@ from .modules import lora_config, resolve_targets
 log = logging.getLogger(__name__)
 
 
+def chat_template_text(spec: Optional[str]) -> Optional[str]:
+    """model.chat_template: a path ending in .jinja (must exist) or the Jinja template itself."""
+    if spec and spec.endswith(".jinja"):
+        if not Path(spec).is_file():
+            raise PipelineError(f"model.chat_template={spec}: no such .jinja file")
+        return Path(spec).read_text(encoding="utf-8")
+    return spec
+
+
 def apply_chat_template_override(tokenizer, model_cfg: ModelConfig) -> None:
-    """model.chat_template (a Jinja string or a .jinja file) replaces the tokenizer's own template."""
-    tpl = model_cfg.chat_template
-    if tpl:
-        p = Path(tpl)
-        tokenizer.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" and p.is_file() else tpl
+    """model.chat_template replaces the tokenizer's own template."""
+    text = chat_template_text(model_cfg.chat_template)
+    if text:
+        tokenizer.chat_template = text
 
 
 def _adds_bos(tokenizer) -> bool:

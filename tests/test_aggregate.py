@@ -61,3 +61,43 @@ def test_aggregate_with_a_failed_job(grid, tmp_path):
 def test_aggregate_of_an_empty_directory(tmp_path, capsys):
     assert aggregate_main([str(tmp_path)]) == 2
     assert "no job directories" in capsys.readouterr().err
+
+
+def test_a_failing_cell_does_not_stop_the_sweep(tiny_model, data_files, tmp_path):
+    """One cell names a module the model lacks: the other cell still runs, the table lists the failure, exit 1."""
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}),
+                 "sft.target_modules=attn,[c_attn]"])
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "error: 1 job(s) failed: 1" in r.stderr
+    df = pd.read_csv(sweep / "results.csv", dtype={"job": str})
+    jobs = df[df["row"] == "sft"].set_index("job")
+    assert jobs.loc["0", "status"] == "ok" and jobs.loc["1", "status"] == "failed"
+    assert "module 'c_attn' does not exist" in jobs.loc["1", "error"]
+
+
+def test_cells_with_one_seed_get_question_intervals(grid):
+    sweep, _ = grid
+    cells = pd.read_csv(sweep / "cells.csv")
+    assert len(cells) == 4 and set(cells["interval_over"]) == {"questions"}
+    assert (cells["logprob_gain_kept ci_low"] <= cells["logprob_gain_kept"]).all()
+    assert (cells["logprob_gain_kept"] <= cells["logprob_gain_kept ci_high"]).all()
+    assert "## Per grid cell: mean and 95% bootstrap interval" in (sweep / "results.md").read_text()
+
+
+def test_cells_over_seeds_by_hand(tmp_path):
+    from pipeline.aggregate import bootstrap_ci, cells_table
+
+    jobs = [{"job": str(i), "dir": tmp_path, "status": "ok", "error": None,
+             "overrides": {"sft.lora_alpha": 8, "seed": seed},
+             "metrics": {"sft/contains": v, "retention": v * 2, "logprob_gain_kept": 0.5, "cpt/contains": 0.5}}
+            for i, (seed, v) in enumerate([(1, 0.1), (2, 0.2), (3, 0.3)])]
+    df, cell_keys = cells_table(jobs, ["sft.lora_alpha", "seed"])
+    assert cell_keys == ["sft.lora_alpha"] and len(df) == 1
+    row = df.iloc[0]
+    assert row["n_seeds"] == 3 and row["interval_over"] == "seeds"
+    assert row["sft/contains"] == pytest.approx(0.2) and row["retention"] == pytest.approx(0.4)
+    lo, hi = row["sft/contains 95% CI"]
+    assert 0.1 <= lo <= 0.2 <= hi <= 0.3  # resampled means of {0.1, 0.2, 0.3} stay within their range
+    assert row["logprob_gain_kept 95% CI"] == (0.5, 0.5)  # a constant has a zero-width interval
+    assert bootstrap_ci(4, lambda i: 1.0) == (1.0, 1.0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.eval import answer_logprobs, encode_pair, generate, summarize
+from pipeline.eval import answer_logprobs, encode_pair, generate, is_repetitive, summarize, text_nll, transition
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_summary_gain_and_retention_by_hand():
     m = summarize({
         "base": rows([0, 0, 0, 0], [-6, -6, -6, -6]),
         "cpt": rows([1, 1, 0, 0], [-2, -2, -2, -2]),
-        "sft": rows([1, 0, 0, 0], [-3, -3, -3, -3], ended_with_eos=True),
+        "sft": rows([1, 0, 0, 0], [-3, -3, -3, -3], ended_with_eos=True, repetitive=False, in_format=True),
     }, headline="contains")
     assert m["cpt/contains"] == 0.5 and m["sft/contains"] == 0.25
     assert m["knowledge_gain"] == 0.5           # 0.5 - 0.0
@@ -62,6 +62,7 @@ def test_summary_gain_and_retention_by_hand():
     assert m["logprob_gain"] == 4.0             # -2 - (-6)
     assert m["logprob_gain_kept"] == 0.75       # (-3 - -6) / (-2 - -6)
     assert m["sft/eos_rate"] == 1.0 and m["base/answer_chars"] == 2.0
+    assert m["sft/repetition_rate"] == 0.0 and m["sft/format_rate"] == 1.0
     assert summarize({"base": rows([0], [-1]), "cpt": rows([0], [-1])}, "contains")["retention"] is None
 
 
@@ -70,3 +71,32 @@ def test_summary_per_group():
     m = summarize({"cpt": rows}, "contains", groups=["faq", "text_only", "text_only"])
     assert m["cpt/contains@faq"] == 1.0 and m["cpt/contains@text_only"] == 0.0
     assert m["cpt/contains"] == pytest.approx(1 / 3)
+
+
+def test_transitions_by_hand():
+    assert transition(1, 0, 0) == "known_before"
+    assert transition(0, 1, 1) == "learned_kept"
+    assert transition(0, 1, 0) == "learned_lost"
+    assert transition(0, 0, 0) == "not_learned"
+    assert transition(0, 0, 1) == "sft_only"
+
+
+@pytest.mark.parametrize("text, expected", [("工場工場工場", True), ("ははははは", False), ("880トンです。", False),
+                                            ("P-101はP-101はP-101は", True), ("ですですです", True)])
+def test_repetition(text, expected):
+    # a 2-10 character piece three times in a row; "ははははは" is one character repeated: 2-char "はは" only twice
+    assert is_repetitive(text) is expected
+
+
+def test_text_nll_by_hand(model_tok):
+    model, tok = model_tok
+    texts = ["炉-3の設定温度は1150度である。", "P-101"]
+    total, count = text_nll(model, tok, texts, batch_size=2, device=torch.device("cpu"))
+    want, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t)["input_ids"]
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+            want -= sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+            n += len(ids) - 1
+    assert count == n and total == pytest.approx(want, rel=1e-4)

@@ -53,6 +53,25 @@ def test_all_stages(tiny_model, data_files, tmp_path):
     assert cpt_stats["modules_to_save"] == ["embed_tokens", "lm_head"]  # the default attn_mlp_embed
 
 
+def test_forgetting_measurements(tiny_model, data_files, tmp_path):
+    """General-knowledge QA, held-out perplexity, transitions, format and a local judge, all in one run."""
+    cfg = compose_cfg(tiny_overrides(tiny_model, data_files, **{
+        "data.general_qa.path": data_files["qa"], "data.heldout.path": data_files["cpt"],
+        "eval.expected_format": "'.{1,30}'", "eval.judge_path": tiny_model}))
+    m = run_pipeline(cfg, tmp_path)
+    for kind in ("base", "cpt", "sft"):
+        assert 0 <= m[f"{kind}/general_contains"] <= 1 and m[f"{kind}/heldout_ppl"] > 1
+        assert m[f"{kind}/judge"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert 0 <= m["sft/format_rate"] <= 1 and 0 <= m["sft/repetition_rate"] <= 1
+    counts = [m[f"transitions/{t}"] for t in ("known_before", "learned_kept", "learned_lost", "not_learned",
+                                               "sft_only")]
+    assert sum(counts) == m["n_questions"] == 3
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    lost = [json.loads(x) for x in (tmp_path / "lost_questions.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers if a["transition"] == "learned_lost"] == [x["id"] for x in lost]
+    assert "judge" in answers[0]["sft"] and "in_format" in answers[0]["sft"]
+
+
 def test_prefix_then_rest_from_inputs(tiny_model, data_files, tmp_path):
     first = tmp_path / "first"
     m = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, stages="[cpt,merge]")), first)
@@ -91,3 +110,16 @@ def test_tied_embeddings_and_prompt_template(tmp_path, data_files, tie, chat):
     assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) == tie
     check = json.loads((tmp_path / "run" / "cpt_model" / "merge_check.json").read_text())
     assert check["tied_embeddings"] == tie and check["max_abs_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stages": "[eval]", "eval.models": "[]"}, r"eval.models=\[\]: none of these models is available"),
+    ({"stages": "[eval]", "eval.models": "[sft]"}, r"none of these models is available in this run"),
+    ({"stages": "[eval]", "inputs.sft_adapter": "SELF"}, r"inputs.sft_adapter is set but there is no CPT model"),
+])
+def test_eval_inputs_that_cannot_work(tiny_model, data_files, tmp_path, overrides, message):
+    if overrides.get("inputs.sft_adapter") == "SELF":
+        run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, stages="[cpt,merge,sft]")), tmp_path / "a")
+        overrides = {**overrides, "inputs.sft_adapter": tmp_path / "a" / "sft_adapter"}
+    with pytest.raises(PipelineError, match=message):
+        run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **overrides)), tmp_path / "run")
