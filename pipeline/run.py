@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
 from .common import PipelineError, check_model_dir, is_complete, resolve_device, resolve_dtype, write_json
-from .config import EvalConfig, flat_config, typed
+from .config import EvalConfig, MergeConfig, flat_config, typed
 from .data import CPT_SUFFIXES, resolve_files
 
 log = logging.getLogger("pipeline.run")
@@ -139,6 +139,9 @@ def _settings(section) -> dict:
     """A stage's settings as they enter its cache key: without those that change only how it runs or reports."""
     d = asdict(section)
     d.pop("logging_steps", None)
+    if isinstance(section, MergeConfig):  # the check's tolerances decide pass/fail, not the merged weights
+        for k in ("max_abs_logit_diff", "rel_logit_diff", "check_tokens"):
+            d.pop(k, None)
     if isinstance(section, EvalConfig):
         d.pop("batch_size", None)  # batched and one-at-a-time greedy answers agree in fp32 (benchmarks/batched_eval.py)
     return d
