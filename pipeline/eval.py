@@ -53,6 +53,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], 
     return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
+def pad_right(seqs: Sequence[List[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (ids, attention mask), padded on the right (scoring; generation pads on the left)."""
+    ids = torch.full((len(seqs), max(len(x) for x in seqs)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def answer_logprobs(model, tokenizer, contexts: Sequence[str], answers: Sequence[str], batch_size: int,
                     device: torch.device) -> List[float]:
@@ -61,13 +71,7 @@ def answer_logprobs(model, tokenizer, contexts: Sequence[str], answers: Sequence
     pairs = [encode_pair(tokenizer, c, a) for c, a in zip(contexts, answers)]
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        seqs = [c + a for c, a in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+        ids, mask = pad_right([c + a for c, a in batch], tokenizer.pad_token_id)
         logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
         for i, (c, a) in enumerate(batch):
             positions = torch.arange(len(c) - 1, len(c) + len(a) - 1)  # logits at t predict token t+1
@@ -83,13 +87,7 @@ def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int, device: to
     total, count = 0.0, 0
     encoded = [tokenizer(t)["input_ids"][:max_length] for t in texts]
     for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
-        width = max(len(e) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(batch):
-            ids[i, :len(e)] = torch.tensor(e)
-            mask[i, :len(e)] = 1
+        ids, mask = pad_right(encoded[start:start + batch_size], tokenizer.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         keep = mask[:, 1:].to(device).bool()
