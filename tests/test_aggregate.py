@@ -14,7 +14,8 @@ from test_cli import run_cli
 @pytest.fixture(scope="module")
 def grid(tiny_model, data_files, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("grid") / "sweep"
-    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}),
+    own_cache = sweep.parent / "cache"  # not the session's: this test counts how often CPT is built
+    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep, "cache.dir": own_cache}),
                  "sft.lora_alpha=8,32", "sft.target_modules=attn_mlp,attn"])
     assert r.returncode == 0, r.stderr[-3000:]
     return sweep, r
