@@ -32,6 +32,8 @@ from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
 from .common import PipelineError, check_model_dir, is_complete, resolve_device, resolve_dtype, write_json
 from .config import EvalConfig, MergeConfig, flat_config, typed
 from .data import CPT_SUFFIXES, resolve_files
+from .eval import TRANSITIONS
+from .sft import chat_template_text
 
 log = logging.getLogger("pipeline.run")
 
@@ -125,7 +127,7 @@ def validate(cfg: DictConfig, stages: list) -> None:
         if stage in stages and STAGES[STAGES.index(stage) - 1] not in stages:
             _require(cfg.inputs.get(key), key, stage)
     if "sft" in stages or "eval" in stages:
-        _chat_template_text(model_cfg)  # a missing .jinja file is an error, not a template
+        chat_template_text(model_cfg.chat_template)  # a missing .jinja file is an error, not a template
     if not (model_cfg.build_demo_if_missing and not Path(model_cfg.path).exists()):
         check_model_dir(model_cfg.path)
         meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
@@ -149,12 +151,6 @@ def _settings(section) -> dict:
 
 def _optional_fingerprint(spec: Optional[str], key: str, suffixes: tuple) -> Optional[str]:
     return fingerprint_files(resolve_files(spec, key, suffixes)) if spec else None
-
-
-def _chat_template_text(model_cfg) -> Optional[str]:
-    from .sft import chat_template_text
-
-    return chat_template_text(model_cfg.chat_template)
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
@@ -206,7 +202,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(device))).replace("torch.", "")
     model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
                       "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code}
-    template = {"prompt_template": model_cfg.prompt_template, "chat_template": _chat_template_text(model_cfg)}
+    template = {"prompt_template": model_cfg.prompt_template, "chat_template": chat_template_text(model_cfg.chat_template)}
 
     if "cpt" in stages:
         c = typed(cfg, "cpt")
@@ -277,8 +273,7 @@ def format_table(metrics: Dict) -> str:
     text = table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
     if "transitions/learned_lost" in metrics:
         text += "\n\nper question (contains): " + ", ".join(
-            f"{t} {metrics[f'transitions/{t}']}" for t in ("known_before", "learned_kept", "learned_lost",
-                                                            "not_learned", "sft_only"))
+            f"{t} {metrics[f'transitions/{t}']}" for t in TRANSITIONS)
     h = metrics.get("headline_metric")
     groups = sorted({k.split("@", 1)[1] for k in metrics if "@" in k})
     if groups:
