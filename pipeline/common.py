@@ -93,13 +93,51 @@ def load_tokenizer(path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+def check_4bit_support(device: torch.device) -> None:
+    """model.load_in_4bit needs bitsandbytes and a 4-bit kernel for `device`: try one tiny nf4 round trip first, so
+    a machine that cannot run it fails with one line before any training, not deep inside a model load."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise PipelineError("model.load_in_4bit=true needs bitsandbytes: pip install bitsandbytes (or the [gpu] "
+                            "extra)") from None
+    try:
+        q, state = bnb.functional.quantize_4bit(torch.randn(64, 64, device=device), quant_type="nf4")
+        bnb.functional.dequantize_4bit(q, state)
+    except Exception as e:  # noqa: BLE001 - any failure here means "cannot run 4-bit on this device"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"model.load_in_4bit=true: bitsandbytes {bnb.__version__} cannot run 4-bit (nf4) on "
+                            f"{device} here ({first}); set model.load_in_4bit=false") from None
+
+
+def load_model(path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+               load_in_4bit: bool = False):
+    """A causal LM from a local checkpoint; with `load_in_4bit` its linear layers are quantized to nf4 on load.
+
+    The 4-bit settings are QLoRA's (nf4, double quantization, compute in `dtype`). A quantized model is placed on
+    `device` while loading: it cannot be moved afterwards.
+    """
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        check_4bit_support(device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)
+
+
+def is_prequantized(path) -> bool:
+    """A checkpoint saved already quantized (config.json has a quantization_config): its 16-bit weights are gone."""
+    cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return "quantization_config" in cfg
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -46,6 +46,14 @@ class ModelConfig:
     chat_template: Optional[str] = None  # a Jinja string or a .jinja file that replaces the tokenizer's template
     # Override the module names that target_modules presets resolve to, e.g. {attn: [c_attn], mlp: [c_fc]}.
     modules: Optional[Dict[str, Any]] = None
+    # What a family config expects (true/false); checked against the checkpoint before training. null: not checked.
+    tied_embeddings: Optional[bool] = None
+    # QLoRA: CPT and SFT train LoRA on frozen 4-bit (nf4, bitsandbytes) base weights. Merge and eval always use the
+    # 16-bit weights at model.path; the merge reports the logit drift between the 4-bit adapter model and the result.
+    load_in_4bit: bool = False
+    # Tokens added to the tokenizer before CPT (e.g. a chat template's markers). Their embedding rows are created
+    # (the matrix grows when needed) and trained in CPT and SFT.
+    add_special_tokens: List[str] = field(default_factory=list)
     build_demo_if_missing: bool = False
     demo: DemoBuildConfig = field(default_factory=DemoBuildConfig)
 
@@ -137,6 +145,12 @@ SECTIONS = {
 def typed(cfg: DictConfig, section: str):
     """Return `cfg.<section>` as its dataclass, or raise a PipelineError that names the offending key."""
     schema = SECTIONS[section]
+    # `???` in a YAML file means "you must set this"; merging it onto the dataclass would keep the default instead.
+    missing = sorted(k if k.startswith(f"{section}.") else f"{section}.{k}"
+                     for k in OmegaConf.missing_keys(cfg[section]))
+    if missing:
+        raise PipelineError(f"config key {missing[0]}: Missing mandatory value; set it on the command line "
+                            f"({missing[0]}=...)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg[section])
         return OmegaConf.to_object(merged)

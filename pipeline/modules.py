@@ -129,7 +129,8 @@ def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool):
+def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslora: bool,
+                trainable_tokens: Optional[Dict[str, List[int]]] = None):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -138,8 +139,69 @@ def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslo
         lora_dropout=dropout,
         target_modules=list(targets.lora),  # copies: PEFT extends these lists in place
         modules_to_save=list(targets.modules_to_save) or None,
+        trainable_token_indices=trainable_tokens or None,
         ensure_weight_tying=targets.ensure_weight_tying,
         use_rslora=use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+# --- vocabulary changes (model.add_special_tokens) ---------------------------------------------------------------
+
+def embedding_rows(model: nn.Module) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def add_tokens(tokenizer, tokens: List[str], rows: int, key: str = "model.add_special_tokens") -> List[int]:
+    """Add `tokens` to the tokenizer as special tokens; returns the ids whose embedding rows were never trained.
+
+    Those are the tokens that were not in the vocabulary before, and any listed token whose id lies beyond the
+    model's `rows` embedding rows. A tokenizer with *other* ids beyond the embedding is refused: the model has no
+    vector for them, and nothing in the pipeline would train one.
+    """
+    known = tokenizer.get_vocab()
+    if tokens:
+        tokenizer.add_tokens(list(tokens), special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    new = sorted({i for t, i in zip(tokens, ids) if t not in known or i >= rows})
+    beyond = [i for i in range(rows, len(tokenizer)) if i not in new]
+    if beyond:
+        names = tokenizer.convert_ids_to_tokens(beyond[:5])
+        raise PipelineError(
+            f"{key}: the tokenizer has {len(tokenizer)} tokens but the model has only {rows} embedding rows; "
+            f"token(s) {names}{' ...' if len(beyond) > 5 else ''} have no embedding. List them in "
+            f"model.add_special_tokens so that the embeddings are resized and trained, or use the model's own "
+            f"tokenizer")
+    return new
+
+
+def fit_embeddings(model: nn.Module, n_tokens: int) -> int:
+    """Grow the embedding matrix (and an untied head) to `n_tokens` rows; returns the number of rows added.
+
+    New rows start as the mean of the existing rows. Not transformers' mean_resizing, which adds random noise: the
+    merge stage rebuilds the same resized base from model.path and must get exactly the rows CPT started from.
+    """
+    rows = embedding_rows(model)
+    if n_tokens <= rows:
+        return 0
+    model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    with torch.no_grad():
+        layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+        for w in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
+            w[rows:] = w[:rows].mean(0, keepdim=True)
+    return n_tokens - rows
+
+
+def token_training(new_ids: List[int], targets: Targets, model: nn.Module,
+                   override: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, List[int]]]:
+    """PEFT `trainable_token_indices` for new tokens whose embedding (and untied head) rows are not trained in full.
+
+    Only those rows train (PEFT's TrainableTokens); with tied embeddings the head follows the embedding.
+    """
+    if not new_ids:
+        return None
+    names = module_names(model, override)
+    layers = [names["embed"]] + ([] if targets.tied else [names["lm_head"]])
+    spec = {name: list(new_ids) for name in layers if name not in targets.modules_to_save}
+    return spec or None

@@ -29,7 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
-from .common import PipelineError, check_model_dir, is_complete, resolve_device, resolve_dtype, write_json
+from .common import (PipelineError, check_4bit_support, check_model_dir, is_complete, is_prequantized, load_tokenizer,
+                     resolve_device, resolve_dtype, write_json)
 from .config import EvalConfig, MergeConfig, flat_config, typed
 from .data import CPT_SUFFIXES, resolve_files
 from .eval import TRANSITIONS
@@ -82,7 +83,7 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 def validate(cfg: DictConfig, stages: list) -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training."""
     from .data import load_cpt_documents, load_qa, load_sft_records
-    from .modules import meta_model, resolve_targets
+    from .modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_targets
     from .scoring import HEADLINE_METRICS
 
     model_cfg, data_cfg, ev = typed(cfg, "model"), typed(cfg, "data"), typed(cfg, "eval")
@@ -128,11 +129,23 @@ def validate(cfg: DictConfig, stages: list) -> None:
             _require(cfg.inputs.get(key), key, stage)
     if "sft" in stages or "eval" in stages:
         chat_template_text(model_cfg.chat_template)  # a missing .jinja file is an error, not a template
+    if model_cfg.load_in_4bit and ("cpt" in stages or "sft" in stages):
+        check_4bit_support(resolve_device(str(cfg.device)))
     if not (model_cfg.build_demo_if_missing and not Path(model_cfg.path).exists()):
         check_model_dir(model_cfg.path)
         meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
+        if model_cfg.tied_embeddings is not None and is_tied(meta) != model_cfg.tied_embeddings:
+            raise PipelineError(f"model.tied_embeddings={str(model_cfg.tied_embeddings).lower()} but the checkpoint "
+                                f"at model.path={model_cfg.path} has {'tied' if is_tied(meta) else 'untied'} "
+                                f"embeddings: is this the model family the config was written for?")
+        if "merge" in stages and is_prequantized(model_cfg.path):
+            raise PipelineError(f"model.path={model_cfg.path}: a pre-quantized checkpoint; the merge needs the 16-bit "
+                                f"weights (point model.path at the 16-bit model; model.load_in_4bit=true trains in "
+                                f"4-bit)")
         if "cpt" in stages:
             resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
+            add_tokens(load_tokenizer(model_cfg.path, model_cfg.trust_remote_code), model_cfg.add_special_tokens,
+                       embedding_rows(meta))
         if "sft" in stages:
             resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
 
@@ -201,7 +214,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     # The resolved dtype, not "auto": a CPU (fp32) result is not a GPU (bf16) result. The device itself is not keyed.
     dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(device))).replace("torch.", "")
     model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
-                      "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code}
+                      "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code,
+                      "load_in_4bit": model_cfg.load_in_4bit, "add_special_tokens": model_cfg.add_special_tokens}
     template = {"prompt_template": model_cfg.prompt_template, "chat_template": chat_template_text(model_cfg.chat_template)}
 
     if "cpt" in stages:
@@ -214,7 +228,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
         material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": _settings(m)}
         paths["cpt_model"] = run_stage("merge", "cpt_model", material, lambda out: merge.merge_adapter(
-            m, model_cfg, adapter, out))
+            m, model_cfg, adapter, out, device))
     if "sft" in stages:
         s_cfg, cpt_model = typed(cfg, "sft"), _require(paths["cpt_model"], "cpt_model", "sft")
         material = {**model_settings, **template, "cpt_model": identity("merge", "cpt_model"),
@@ -245,12 +259,25 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     else:
         metrics = {}
     metrics.update(record)
+    metrics.update(merge_metrics(paths["cpt_model"]))
     metrics.update({k: v for k, v in paths.items() if v})
     metrics.update(flat_config(cfg))
     write_json(run_dir / "metrics.json", metrics)
     if "eval" in stages:
         print(format_table(metrics))
     return metrics
+
+
+def merge_metrics(cpt_model: Optional[str]) -> Dict:
+    """The merge verification of the CPT model in use, as flat metrics (merge/...)."""
+    check_file = Path(cpt_model) / "merge_check.json" if cpt_model else None
+    if not check_file or not check_file.is_file():
+        return {}
+    check = json.loads(check_file.read_text(encoding="utf-8"))
+    out = {f"merge/{k}": check.get(k) for k in ("max_abs_logit_diff", "tolerance", "reload_max_abs_logit_diff")}
+    for k, v in (check.get("quantized_training_drift") or {}).items():
+        out[f"merge/4bit_{k}"] = v
+    return out
 
 
 def format_table(metrics: Dict) -> str:

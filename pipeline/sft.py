@@ -23,7 +23,7 @@ from .common import (PipelineError, atomic_output, count_trainable, load_model, 
                      resolve_dtype, training_arguments, write_json)
 from .config import DataPath, ModelConfig, SftConfig
 from .data import load_sft_records
-from .modules import lora_config, resolve_targets
+from .modules import add_tokens, embedding_rows, lora_config, resolve_targets, token_training
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,15 @@ def to_prompt_completion(messages: List[dict], tokenizer, prompt_template: str) 
     return {"prompt": prompt, "completion": completion}
 
 
+def _expose_head_bias(model) -> None:
+    """TRL's SFTTrainer computes the loss from `lm_head.weight` and `lm_head.bias` itself (its fused LM head). PEFT's
+    TrainableTokensWrapper (new token rows, model.add_special_tokens) forwards `.weight`, merged with the trained
+    rows, but not `.bias`, so the first step fails; give the wrapper its wrapped layer's bias (None for LM heads)."""
+    head = model.get_output_embeddings()
+    if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in dir(head):
+        head.bias = getattr(head.original_module, "bias", None)
+
+
 def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_model_dir: str | Path, seed: int,
               out_dir: str | Path, device: str = "auto") -> Path:
     """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer."""
@@ -101,19 +110,45 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
     rows = [to_prompt_completion(m, tok, model_cfg.prompt_template) for m in records]
     log.info("SFT data: %d records, formatted with %s; example prompt: %r", len(rows),
              "the chat template" if tok.chat_template else "model.prompt_template", rows[0]["prompt"][:80])
+    max_length = cfg.max_length or model_cfg.max_seq_length
+    # A prompt that fills max_length leaves no answer token to learn from; TRL drops such records silently.
+    too_long = sum(len(tok(r["prompt"])["input_ids"]) >= max_length for r in rows)
+    if too_long == len(rows):
+        raise PipelineError(f"sft.max_length={max_length}: every SFT prompt is at least that many tokens long, so no "
+                            f"answer would be trained; raise sft.max_length (or model.max_seq_length)")
+    if too_long:
+        log.warning("SFT data: %d of %d prompts are %d tokens or longer and teach nothing (raise sft.max_length)",
+                    too_long, len(rows), max_length)
 
     set_seed(seed)
-    model = load_model(cpt_model_dir, dtype, torch.device("cpu"), model_cfg.trust_remote_code)
+    model = load_model(cpt_model_dir, dtype, dev if model_cfg.load_in_4bit else torch.device("cpu"),
+                       model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit)
+    # Tokens are added at CPT; here they must already have rows. Their rows train again (a chat template's markers
+    # are learned in SFT, where they first carry meaning).
+    if add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model)):
+        raise PipelineError(f"model.add_special_tokens: {model_cfg.add_special_tokens} are not all in the CPT "
+                            f"model's vocabulary ({cpt_model_dir}); tokens are added by the CPT stage: run cpt and "
+                            f"merge with this setting")
+    if model_cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = resolve_targets(cfg.target_modules, model, model_cfg.modules, key="sft.target_modules")
-    model = get_peft_model(model, lora_config(targets, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora))
+    token_ids = tok.convert_tokens_to_ids(list(model_cfg.add_special_tokens))
+    tokens = token_training(token_ids, targets, model, model_cfg.modules)
+    model = get_peft_model(model, lora_config(targets, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
+                                              tokens))
+    _expose_head_bias(model)
     trainable, total = count_trainable(model)
-    log.info("SFT model: LoRA r=%d alpha=%g on %s; trained in full: %s; %d/%d parameters trainable", cfg.r,
-             cfg.lora_alpha, ",".join(targets.lora) or "-", ",".join(targets.modules_to_save) or "-", trainable, total)
+    log.info("SFT model: LoRA r=%d alpha=%g on %s; trained in full: %s; token rows: %s; %d/%d parameters "
+             "trainable%s", cfg.r, cfg.lora_alpha, ",".join(targets.lora) or "-",
+             ",".join(targets.modules_to_save) or "-", ",".join(tokens) if tokens else "-", trainable, total,
+             "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "")
 
     with atomic_output(out_dir) as tmp:
         args = training_arguments(
             SFTConfig, cfg, tmp / "trainer", dev, dtype, seed,
-            max_length=cfg.max_length or model_cfg.max_seq_length,
+            max_length=max_length,
             packing=False,
             completion_only_loss=True,
             dataset_num_proc=None,
@@ -134,6 +169,6 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
             "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
             "final_loss": losses[-1], "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
-            "trainable_parameters": trainable,
+            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
         })
     return out_dir

@@ -36,8 +36,11 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def make_tiny_model(out: Path, tie: bool = False, chat_template: bool = True, model_type: str = "llama") -> Path:
-    """A 2-layer random model of `model_type` with a BPE tokenizer trained on the fixture text."""
+def make_tiny_model(out: Path, tie: bool = False, chat_template: bool = True, model_type: str = "llama",
+                    hidden_size: int = 32, **config) -> Path:
+    """A 2-layer random model of `model_type` with a BPE tokenizer trained on the fixture text.
+
+    `config` overrides or adds config fields (e.g. a family's own settings)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -48,10 +51,11 @@ def make_tiny_model(out: Path, tie: bool = False, chat_template: bool = True, mo
     if not chat_template:
         tok.chat_template = None
     cfg = AutoConfig.for_model(
-        model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-        tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        model_type, **{**dict(
+            vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4, max_position_embeddings=512,
+            tie_word_embeddings=tie, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id), **config},
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)

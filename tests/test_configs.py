@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from pipeline.config import SECTIONS, typed
 
@@ -19,6 +20,13 @@ def options(group):
 def test_every_group_option_composes(group, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"{group}={option}"])
+    if group == "model" and OmegaConf.is_missing(cfg.model, "path"):  # family configs: the path is the user's
+        from pipeline.common import PipelineError
+
+        with pytest.raises(PipelineError, match=r"config key model.path: Missing mandatory value"):
+            typed(cfg, "model")
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=[f"{group}={option}", "model.path=/models/x"])
     for section in SECTIONS:
         typed(cfg, section)
 
