@@ -14,6 +14,8 @@ _OFFLINE = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
     "UNSLOTH_DISABLE_STATISTICS": "1",
+    # backend=unsloth runs only on CUDA; if unsloth ever gets imported on a CPU it must fail, not quietly fall back.
+    "UNSLOTH_DISABLE_CPU_FALLBACK": "1",
     "WANDB_DISABLED": "true",
     # tokenizers warns (and may deadlock) when the Trainer forks dataloader workers after tokenizing.
     "TOKENIZERS_PARALLELISM": "false",

@@ -174,7 +174,7 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
         else:
             out[prefix] = node
 
-    for key in ("seed", "model", "data", "cpt", "merge", "sft", "eval"):
+    for key in ("seed", "backend", "model", "data", "cpt", "merge", "sft", "eval"):
         if key in container:
             walk(key, container[key])
     out.pop("model.demo", None)

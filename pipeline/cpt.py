@@ -21,11 +21,12 @@ from typing import List
 
 import torch
 
-from .common import (atomic_output, count_trainable, load_model, load_tokenizer, resolve_device, resolve_dtype,
+from .common import (atomic_output, count_trainable, load_tokenizer, resolve_device, resolve_dtype,
                      training_arguments, write_json)
 from .config import CptConfig, DataPath, ModelConfig
 from .data import load_cpt_documents
-from .modules import add_tokens, embedding_rows, fit_embeddings, lora_config, resolve_targets, token_training
+from .backend import add_lora, load_for_training
+from .modules import add_tokens, embedding_rows, fit_embeddings, resolve_targets, token_training
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,9 @@ def param_groups(model, cfg: CptConfig):
 
 
 def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: int, out_dir: str | Path,
-              device: str = "auto") -> Path:
+              device: str = "auto", backend: str = "hf") -> Path:
     """Train a CPT LoRA adapter on `data_cfg.path`; returns `out_dir` holding the adapter and tokenizer."""
     from datasets import Dataset
-    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
     out_dir = Path(out_dir)
@@ -103,30 +103,22 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
     tok = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
     set_seed(seed)
-    # A 4-bit model is quantized while loading onto the training device; a 16-bit one is moved there by Trainer.
-    model = load_model(model_cfg.path, dtype, dev if model_cfg.load_in_4bit else torch.device("cpu"),
-                       model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit)
+    model = load_for_training(backend, model_cfg.path, model_cfg, dtype, dev)
     new_ids = add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model))
     grown = fit_embeddings(model, len(tok))
     if new_ids:
         log.info("vocabulary: %d new token(s) %s (ids %s); embedding matrix grown by %d rows", len(new_ids),
                  tok.convert_ids_to_tokens(new_ids), new_ids, grown)
-    if model_cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        # QLoRA's preparation: norms and the unquantized embedding/head in fp32, inputs that carry gradients.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = resolve_targets(cfg.target_modules, model, model_cfg.modules, key="cpt.target_modules")
     tokens = token_training(new_ids, targets, model, model_cfg.modules)
-    model = get_peft_model(model, lora_config(targets, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
-                                              tokens))
+    model = add_lora(backend, model, targets, cfg, seed, model_cfg.load_in_4bit, tokens)
     trainable, total = count_trainable(model)
     log.info("CPT model: LoRA r=%d alpha=%g on %s; trained in full: %s%s; new token rows: %s; %d/%d parameters "
-             "trainable (%.2f%%)%s", cfg.r, cfg.lora_alpha, ",".join(targets.lora) or "-",
+             "trainable (%.2f%%)%s; backend %s", cfg.r, cfg.lora_alpha, ",".join(targets.lora) or "-",
              ",".join(targets.modules_to_save) or "-",
              " (tied, head re-tied to the embedding)" if targets.ensure_weight_tying else "",
              ",".join(tokens) if tokens else "-", trainable, total, 100 * trainable / total,
-             "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "")
+             "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "", backend)
 
     blocks = pack_epochs(docs, tok, model_cfg.max_seq_length, seed, cfg.num_epochs)
     passes = max(1, math.ceil(cfg.num_epochs))
@@ -152,7 +144,7 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
             "train_loss": result.training_loss, "final_loss": _last_loss(trainer), "seconds": round(seconds, 2),
             "tokens_per_second": round(seen_tokens / seconds, 1) if seconds > 0 else None,
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
-            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
+            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit, "backend": backend,
             "added_tokens": tok.convert_ids_to_tokens(new_ids), "added_token_ids": new_ids,
             "embedding_rows": embedding_rows(model),
         }

@@ -31,6 +31,7 @@ from .common import PipelineError, atomic_output, load_model, load_tokenizer, re
 from .config import EvalConfig, ModelConfig
 from .data import QAItem, load_qa
 from .scoring import HEADLINE_METRICS, STRING_METRICS
+from .backend import for_inference, load_for_training
 from .sft import render_prompt
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,22 @@ def _stop_ids(tokenizer, model) -> List[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _load(kind: str, paths: Dict[str, Tuple[str, Optional[str]]], model_cfg: ModelConfig, dev, dtype):
+def _load(kind: str, paths: Dict[str, Tuple[str, Optional[str]]], model_cfg: ModelConfig, dev, dtype,
+          backend: str = "hf"):
+    """A model as it is deployed: 16-bit weights (never 4-bit, even after QLoRA training), plus the SFT adapter."""
     model_dir, adapter = paths[kind]
     tok = load_tokenizer(adapter or model_dir, model_cfg.trust_remote_code)
-    model = load_model(model_dir, dtype, dev, model_cfg.trust_remote_code)
+    if backend == "unsloth":
+        from dataclasses import replace
+
+        model = load_for_training(backend, model_dir, replace(model_cfg, load_in_4bit=False), dtype, dev)
+    else:
+        model = load_model(model_dir, dtype, dev, model_cfg.trust_remote_code)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).to(dev)
-    return model.eval(), tok
+    return for_inference(backend, model.eval()), tok
 
 
 def score_model(kind: str, model, tok, qa: List[QAItem], cfg: EvalConfig, model_cfg: ModelConfig,
@@ -232,7 +240,7 @@ def _gain_kept(base, cpt, sft):
 
 def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict[str, Tuple[str, Optional[str]]],
              out_dir: str | Path, device: str = "auto", general_qa_path: Optional[str] = None,
-             heldout_path: Optional[str] = None) -> Path:
+             heldout_path: Optional[str] = None, backend: str = "hf") -> Path:
     """Score the QA set on each of `models` ({"base": (dir, None), "cpt": (dir, None), "sft": (dir, adapter)}).
 
     Optionally also a general-knowledge QA set (`<model>/general_<metric>`) and the perplexity of held-out domain text
@@ -259,7 +267,7 @@ def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict
         if kind not in models:
             continue
         t0 = time.time()
-        model, tok = _load(kind, models, model_cfg, dev, dtype)
+        model, tok = _load(kind, models, model_cfg, dev, dtype, backend)
         per_model[kind] = score_model(kind, model, tok, qa, cfg, model_cfg, dev)
         if general:
             per_model_general[kind] = score_model(kind, model, tok, general, cfg, model_cfg, dev)

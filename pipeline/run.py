@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .backend import activate, resolve_backend
 from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
 from .common import (PipelineError, check_4bit_support, check_model_dir, is_complete, is_prequantized, load_tokenizer,
                      resolve_device, resolve_dtype, write_json)
@@ -172,7 +173,12 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     from . import eval as evaluation
     from .demo_model import ensure_demo_model
 
+    seed, device = int(cfg.seed), str(cfg.device)
+    # Before any Hugging Face import: unsloth patches transformers, PEFT and TRL when it is imported first.
+    backend = resolve_backend(str(cfg.backend), resolve_device(device))
+    activate(backend)
     _quiet_libraries()
+    log.info("backend: %s (backend=%s, device=%s)", backend, cfg.backend, resolve_device(device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = _stage_list(cfg)
@@ -183,10 +189,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         validate(cfg, stages)  # now the target modules can be checked against the built model
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
-    seed, device = int(cfg.seed), str(cfg.device)
     paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
     cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
-    record: Dict[str, object] = {}  # time/<stage>, stage/<stage> (built|reused), key/<stage>
+    record: Dict[str, object] = {"backend_used": backend}  # + time/<stage>, stage/<stage> (built|reused), key/<stage>
 
     def run_stage(name: str, link: str, material: dict, build) -> str:
         """Build (or reuse) one stage's output; the run directory gets it as `link` (a symlink into the cache)."""
@@ -215,7 +220,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(device))).replace("torch.", "")
     model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
                       "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code,
-                      "load_in_4bit": model_cfg.load_in_4bit, "add_special_tokens": model_cfg.add_special_tokens}
+                      "load_in_4bit": model_cfg.load_in_4bit, "add_special_tokens": model_cfg.add_special_tokens,
+                      "backend": backend}  # unsloth's kernels give other numbers than the plain path
     template = {"prompt_template": model_cfg.prompt_template, "chat_template": chat_template_text(model_cfg.chat_template)}
 
     if "cpt" in stages:
@@ -223,7 +229,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         material = {**model_settings, "cpt": _settings(c), "seed": seed, "text_field": data_cfg.cpt.text_field,
                     "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES))}
         paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", material, lambda out: cpt.train_cpt(
-            c, model_cfg, data_cfg.cpt, seed, out, device))
+            c, model_cfg, data_cfg.cpt, seed, out, device, backend))
     if "merge" in stages:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
         material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": _settings(m)}
@@ -235,7 +241,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                     "sft": _settings(s_cfg), "seed": seed,
                     "data": fingerprint_files(resolve_files(data_cfg.sft.path, "data.sft.path", (".jsonl",)))}
         paths["sft_adapter"] = run_stage("sft", "sft_adapter", material, lambda out: sft.train_sft(
-            s_cfg, model_cfg, data_cfg.sft, cpt_model, seed, out, device))
+            s_cfg, model_cfg, data_cfg.sft, cpt_model, seed, out, device, backend))
     if "eval" in stages:
         ev = typed(cfg, "eval")
         models = {"base": (model_cfg.path, None)}
@@ -252,7 +258,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                     "heldout": _optional_fingerprint(data_cfg.heldout.path, "data.heldout.path", CPT_SUFFIXES),
                     "judge": fingerprint_model(ev.judge_path) if ev.judge_path else None}
         eval_dir = Path(run_stage("eval", "eval", material, lambda out: evaluation.evaluate(
-            ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path)))
+            ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path,
+            backend)))
         for name in ("answers.jsonl", "lost_questions.jsonl"):
             shutil.copyfile(eval_dir / name, run_dir / name)
         metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))

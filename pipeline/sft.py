@@ -19,11 +19,12 @@ from typing import List, Optional
 
 import torch
 
-from .common import (PipelineError, atomic_output, count_trainable, load_model, load_tokenizer, resolve_device,
+from .common import (PipelineError, atomic_output, count_trainable, load_tokenizer, resolve_device,
                      resolve_dtype, training_arguments, write_json)
 from .config import DataPath, ModelConfig, SftConfig
 from .data import load_sft_records
-from .modules import add_tokens, embedding_rows, lora_config, resolve_targets, token_training
+from .backend import add_lora, load_for_training
+from .modules import add_tokens, embedding_rows, resolve_targets, token_training
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,9 @@ def _expose_head_bias(model) -> None:
 
 
 def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_model_dir: str | Path, seed: int,
-              out_dir: str | Path, device: str = "auto") -> Path:
+              out_dir: str | Path, device: str = "auto", backend: str = "hf") -> Path:
     """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer."""
     from datasets import Dataset
-    from peft import get_peft_model
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -121,29 +121,23 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
                     too_long, len(rows), max_length)
 
     set_seed(seed)
-    model = load_model(cpt_model_dir, dtype, dev if model_cfg.load_in_4bit else torch.device("cpu"),
-                       model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit)
+    model = load_for_training(backend, cpt_model_dir, model_cfg, dtype, dev)
     # Tokens are added at CPT; here they must already have rows. Their rows train again (a chat template's markers
     # are learned in SFT, where they first carry meaning).
     if add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model)):
         raise PipelineError(f"model.add_special_tokens: {model_cfg.add_special_tokens} are not all in the CPT "
                             f"model's vocabulary ({cpt_model_dir}); tokens are added by the CPT stage: run cpt and "
                             f"merge with this setting")
-    if model_cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     targets = resolve_targets(cfg.target_modules, model, model_cfg.modules, key="sft.target_modules")
     token_ids = tok.convert_tokens_to_ids(list(model_cfg.add_special_tokens))
     tokens = token_training(token_ids, targets, model, model_cfg.modules)
-    model = get_peft_model(model, lora_config(targets, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora,
-                                              tokens))
+    model = add_lora(backend, model, targets, cfg, seed, model_cfg.load_in_4bit, tokens)
     _expose_head_bias(model)
     trainable, total = count_trainable(model)
     log.info("SFT model: LoRA r=%d alpha=%g on %s; trained in full: %s; token rows: %s; %d/%d parameters "
-             "trainable%s", cfg.r, cfg.lora_alpha, ",".join(targets.lora) or "-",
+             "trainable%s; backend %s", cfg.r, cfg.lora_alpha, ",".join(targets.lora) or "-",
              ",".join(targets.modules_to_save) or "-", ",".join(tokens) if tokens else "-", trainable, total,
-             "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "")
+             "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "", backend)
 
     with atomic_output(out_dir) as tmp:
         args = training_arguments(
@@ -169,6 +163,6 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
             "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
             "final_loss": losses[-1], "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
-            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
+            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit, "backend": backend,
         })
     return out_dir

@@ -37,11 +37,13 @@ def bad_input_cases(tmp_path, data):
                               r"noanswer.jsonl:1: QA record without a non-empty string 'answer'"),
         "unknown module": ({"sft.target_modules": "[c_attn]"},
                            r"sft.target_modules: module 'c_attn' does not exist in this llama model; available: "),
+        "unsloth without cuda": ({"backend": "unsloth"},
+                                 r"backend=unsloth needs a CUDA GPU, but this run's device is cpu "),
     }
 
 
 @pytest.mark.parametrize("case", ["missing model", "empty corpus", "malformed jsonl", "qa without answer",
-                                  "unknown module"])
+                                  "unknown module", "unsloth without cuda"])
 def test_bad_input_gets_one_line_and_nothing_is_trained(case, tiny_model, data_files, tmp_path):
     overrides, pattern = bad_input_cases(tmp_path, data_files)[case]
     run_dir = tmp_path / "run"

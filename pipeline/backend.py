@@ -1,0 +1,157 @@
+"""Which stack trains: plain transformers + PEFT (+ TRL for SFT), or unsloth's fast path on a CUDA GPU.
+
+    python -m pipeline.run backend=auto      # unsloth when CUDA and unsloth are there, else the plain path
+    python -m pipeline.run backend=unsloth   # unsloth or a clear error (never its silent CPU fallback)
+    python -m pipeline.run backend=hf        # the plain path everywhere
+
+The backends differ only in how CPT and SFT load the model, wrap it with LoRA and which trainer class runs: the data,
+the target_modules presets, the embedding learning rate, the merge (PEFT, fp32, on the 16-bit weights at model.path,
+verified by logits) and the evaluation are the same code. unsloth's own `save_pretrained_merged` is not used: the
+pipeline's merge is checked against the adapter model's logits, and unsloth's has known failure modes (it fetches
+16-bit weights by name unless the base is a local directory, merged twice into a reused directory: unsloth #3633).
+
+unsloth must be imported before transformers, PEFT and TRL (it patches them), so `activate` runs first thing in a
+run; it also refuses CPUs (UNSLOTH_DISABLE_CPU_FALLBACK, set in pipeline/__init__.py) instead of silently becoming
+the plain path, and sees the offline variables set there (no statistics download, no model-name lookups).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from .common import PipelineError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "hf", "unsloth")
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """`auto` → unsloth when the run trains on CUDA and unsloth is installed, else hf; `unsloth` insists on both."""
+    if name not in BACKENDS:
+        raise PipelineError(f"backend={name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "hf":
+        return "hf"
+    if name == "unsloth":
+        if device.type != "cuda":
+            raise PipelineError(f"backend=unsloth needs a CUDA GPU, but this run's device is {device} "
+                                f"(torch.cuda.is_available()={torch.cuda.is_available()}); unsloth's CPU fallback "
+                                f"would silently run the plain path: use backend=hf or backend=auto")
+        if not unsloth_installed():
+            raise PipelineError("backend=unsloth: unsloth is not installed; pip install -e '.[gpu]' (or use "
+                                "backend=auto, which takes the plain path without it)")
+        return "unsloth"
+    return "unsloth" if device.type == "cuda" and unsloth_installed() else "hf"
+
+
+def activate(backend: str) -> None:
+    """Import unsloth before any Hugging Face library is imported, so that its patches apply."""
+    if backend != "unsloth":
+        return
+    import sys
+
+    late = [m for m in ("transformers", "peft", "trl") if m in sys.modules]
+    if late:
+        log.warning("unsloth is imported after %s: some of its speed-ups may not apply", ", ".join(late))
+    import unsloth  # noqa: F401
+
+
+# --- argument mapping: the pipeline's settings in unsloth's terms (pure functions, unit-tested on CPU) -------------
+
+def unsloth_load_kwargs(path: str | Path, max_seq_length: int, dtype: torch.dtype, load_in_4bit: bool,
+                        trust_remote_code: bool) -> Dict[str, Any]:
+    """FastLanguageModel.from_pretrained arguments. The path is made absolute: unsloth looks names of the form
+    `org/name` (which a relative path like `outputs/cpt` matches) up online."""
+    return {
+        "model_name": str(Path(path).resolve()),
+        "max_seq_length": max_seq_length,
+        "dtype": dtype,
+        "load_in_4bit": load_in_4bit,  # unsloth defaults to True; the pipeline's default is 16-bit
+        "load_in_8bit": False,
+        "full_finetuning": False,
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": True,
+    }
+
+
+def unsloth_peft_kwargs(targets, r: int, alpha: float, dropout: float, use_rslora: bool, seed: int,
+                        trainable_tokens: Dict[str, List[int]] | None = None) -> Dict[str, Any]:
+    """FastLanguageModel.get_peft_model arguments for the same LoRA the plain path builds (modules.lora_config).
+
+    embed/lm_head are passed as modules_to_save (trained in full), as the plain path does; with tied embeddings only
+    the embedding, as there.
+    """
+    if trainable_tokens:
+        raise PipelineError("model.add_special_tokens with backend=unsloth: new tokens are trained with PEFT's "
+                            "trainable tokens, which unsloth's get_peft_model does not take; use backend=hf")
+    if targets.tied and targets.modules_to_save:
+        raise PipelineError("backend=unsloth with tied embeddings and embed training (target_modules with embed): "
+                            "unsloth cannot keep the head tied to the trained copy (unsloth #1971); use backend=hf, "
+                            "or target_modules=attn_mlp")
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": list(targets.lora),
+        "modules_to_save": list(targets.modules_to_save) or None,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_gradient_checkpointing": "unsloth",  # unsloth's offloaded checkpointing: its memory saving
+        "random_state": seed,
+    }
+
+
+# --- the two stages' shared steps, per backend ----------------------------------------------------------------------
+
+def load_for_training(backend: str, path, model_cfg, dtype: torch.dtype, device: torch.device):
+    """The model a LoRA stage trains: 16-bit (moved to the device by the trainer), or 4-bit placed on the device."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(
+            path, model_cfg.max_seq_length, dtype, model_cfg.load_in_4bit, model_cfg.trust_remote_code))
+        return model
+    from .common import load_model
+
+    return load_model(path, dtype, device if model_cfg.load_in_4bit else torch.device("cpu"),
+                      model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit)
+
+
+def add_lora(backend: str, model, targets, stage_cfg, seed: int, load_in_4bit: bool,
+             trainable_tokens: Dict[str, List[int]] | None = None):
+    """Wrap `model` with the stage's LoRA (and fully trained embedding copies / new token rows)."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(
+            targets, stage_cfg.r, stage_cfg.lora_alpha, stage_cfg.lora_dropout, stage_cfg.use_rslora, seed,
+            trainable_tokens))
+    from peft import get_peft_model
+
+    from .modules import lora_config
+
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation: norms and the unquantized embedding/head in fp32, inputs that carry gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(targets, stage_cfg.r, stage_cfg.lora_alpha, stage_cfg.lora_dropout,
+                                             stage_cfg.use_rslora, trainable_tokens))
+
+
+def for_inference(backend: str, model):
+    """unsloth's faster generation path (its own KV cache and kernels); the plain path needs nothing."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    return model

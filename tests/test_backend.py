@@ -1,0 +1,97 @@
+"""backend=auto|hf|unsloth: which stack trains, and the pipeline's settings in unsloth's terms.
+
+unsloth needs CUDA, so here only the selection and the argument mapping are tested; the plain path is what
+`backend=auto` runs on this machine (tests/test_pipeline.py and every other end-to-end test).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import tiny_overrides
+from test_pipeline import compose_cfg
+from pipeline import backend as backends
+from pipeline.backend import resolve_backend, unsloth_load_kwargs, unsloth_peft_kwargs
+from pipeline.common import PipelineError
+from pipeline.modules import resolve_targets, token_training
+from pipeline.run import run_pipeline
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_auto_is_the_plain_path_without_cuda(monkeypatch, installed):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: installed)
+    assert resolve_backend("auto", CPU) == "hf"
+
+
+def test_auto_takes_unsloth_on_cuda_when_installed(monkeypatch):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+    assert resolve_backend("auto", CUDA) == "unsloth"
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: False)
+    assert resolve_backend("auto", CUDA) == "hf"
+    assert resolve_backend("hf", CUDA) == "hf"
+
+
+def test_unsloth_refuses_a_cpu_even_when_installed(monkeypatch):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+    with pytest.raises(PipelineError, match=r"^backend=unsloth needs a CUDA GPU, but this run's device is cpu "
+                                            r"\(torch.cuda.is_available\(\)=False\); unsloth's CPU fallback would "
+                                            r"silently run the plain path: use backend=hf or backend=auto$"):
+        resolve_backend("unsloth", CPU)
+
+
+def test_unsloth_on_cuda_without_the_package(monkeypatch):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: False)
+    with pytest.raises(PipelineError, match=r"backend=unsloth: unsloth is not installed; pip install -e '.\[gpu\]'"):
+        resolve_backend("unsloth", CUDA)
+
+
+def test_unknown_backend():
+    with pytest.raises(PipelineError, match=r"backend='vllm': use one of auto, hf, unsloth"):
+        resolve_backend("vllm", CPU)
+
+
+def test_load_arguments_use_an_absolute_local_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = unsloth_load_kwargs("outputs/cpt_model", 2048, torch.bfloat16, load_in_4bit=False, trust_remote_code=False)
+    # a relative path looks like a hub name (org/name) to unsloth, which would look it up online
+    assert kw["model_name"] == str(tmp_path / "outputs" / "cpt_model") and Path(kw["model_name"]).is_absolute()
+    assert kw["load_in_4bit"] is False  # unsloth's own default is True: the pipeline's setting is passed explicitly
+    assert kw["local_files_only"] is True and kw["max_seq_length"] == 2048 and kw["dtype"] == torch.bfloat16
+
+
+def tiny(tie: bool):
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_peft_arguments_match_the_plain_path():
+    targets = resolve_targets("attn_mlp_embed", tiny(tie=False))
+    kw = unsloth_peft_kwargs(targets, r=16, alpha=32, dropout=0.0, use_rslora=True, seed=7)
+    assert kw["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert kw["modules_to_save"] == ["embed_tokens", "lm_head"]  # trained in full, as on the plain path
+    assert (kw["r"], kw["lora_alpha"], kw["use_rslora"], kw["random_state"], kw["bias"]) == (16, 32, True, 7, "none")
+    kw = unsloth_peft_kwargs(resolve_targets("attn", tiny(tie=False)), 8, 16, 0.1, False, 0)
+    assert kw["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and kw["modules_to_save"] is None
+
+
+def test_what_unsloth_cannot_do_is_refused():
+    tied = tiny(tie=True)
+    with pytest.raises(PipelineError, match=r"backend=unsloth with tied embeddings and embed training"):
+        unsloth_peft_kwargs(resolve_targets("attn_mlp_embed", tied), 16, 32, 0.0, False, 0)
+    targets = resolve_targets("attn_mlp", tied)
+    with pytest.raises(PipelineError, match=r"model.add_special_tokens with backend=unsloth"):
+        unsloth_peft_kwargs(targets, 16, 32, 0.0, False, 0, token_training([60], targets, tied))
+
+
+def test_auto_runs_the_plain_path_here(tiny_model, data_files, tmp_path):
+    metrics = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, stages="[cpt]")), tmp_path)
+    assert metrics["backend"] == "auto" and metrics["backend_used"] == "hf"
+    import json
+
+    assert json.loads((tmp_path / "cpt_adapter" / "cpt_stats.json").read_text())["backend"] == "hf"
