@@ -95,3 +95,13 @@ def test_auto_runs_the_plain_path_here(tiny_model, data_files, tmp_path):
     import json
 
     assert json.loads((tmp_path / "cpt_adapter" / "cpt_stats.json").read_text())["backend"] == "hf"
+
+
+def test_the_core_install_stays_cpu_friendly():
+    """unsloth (which pulls CUDA torch) and bitsandbytes live in extras, never in the core dependencies."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    assert not any(name in core for name in ("unsloth", "bitsandbytes", "xformers", "torchvision"))
+    gpu = " ".join(project["optional-dependencies"]["gpu"]).lower()
+    assert "unsloth==" in gpu and "unsloth_zoo==" in gpu and "bitsandbytes" in gpu
