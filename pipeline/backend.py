@@ -105,7 +105,11 @@ def unsloth_peft_kwargs(targets, r: int, alpha: float, dropout: float, use_rslor
         "modules_to_save": list(targets.modules_to_save) or None,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_gradient_checkpointing": "unsloth",  # unsloth's offloaded checkpointing: its memory saving
+        # "unsloth" (offloaded activations) is unsloth's memory saving, but with embed/lm_head in modules_to_save it
+        # also offloads the frozen embeddings to os.path.join(temporary_location, config._name_or_path): with the
+        # absolute local path that is the model directory itself (unsloth 2026.10.9, models/_utils.py offload_to_disk),
+        # which would write into model.path or a cached CPT model. Plain checkpointing there, offloaded elsewhere.
+        "use_gradient_checkpointing": True if targets.modules_to_save else "unsloth",
         "random_state": seed,
     }
 

@@ -76,8 +76,11 @@ def test_peft_arguments_match_the_plain_path():
     assert kw["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert kw["modules_to_save"] == ["embed_tokens", "lm_head"]  # trained in full, as on the plain path
     assert (kw["r"], kw["lora_alpha"], kw["use_rslora"], kw["random_state"], kw["bias"]) == (16, 32, True, 7, "none")
+    # unsloth's offloaded checkpointing would save the frozen embeddings into the model directory: not with embed
+    assert kw["use_gradient_checkpointing"] is True
     kw = unsloth_peft_kwargs(resolve_targets("attn", tiny(tie=False)), 8, 16, 0.1, False, 0)
     assert kw["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and kw["modules_to_save"] is None
+    assert kw["use_gradient_checkpointing"] == "unsloth"
 
 
 def test_what_unsloth_cannot_do_is_refused():
