@@ -33,6 +33,9 @@ def test_qlora_cpt_merges_into_16bit_and_reports_drift(tmp_path, data_files):
     assert 0 < drift["max_abs_logit_diff"] < 5 and 0 <= drift["top1_agreement"] <= 1
     assert metrics["merge/4bit_max_abs_logit_diff"] == drift["max_abs_logit_diff"]
     assert metrics["merge/4bit_top1_agreement"] == drift["top1_agreement"]
+    # the base's own rounding, measured the same way: nonzero, and reported next to the trained model's drift
+    assert 0 < drift["base_mean_abs_logit_diff"] and 0 <= drift["base_top1_agreement"] <= 1
+    assert metrics["merge/4bit_base_mean_abs_logit_diff"] == drift["base_mean_abs_logit_diff"]
     # the CPT model is a plain 16/32-bit checkpoint, not a quantized one
     config = json.loads((tmp_path / "run" / "cpt_model" / "config.json").read_text())
     assert "quantization_config" not in config
