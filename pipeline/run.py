@@ -53,6 +53,9 @@ def _quiet_libraries() -> None:
     # transformers 5 renamed gradient_checkpointing; TRL and PEFT still use the old name internally.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
+    # bitsandbytes' CPU backend looks for an optional faster nf4 kernel from the Hub's `kernels` package at import
+    # and warns on every run without it; offline it could not be fetched anyway, and the built-in kernel is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-load "Loading weights" bars; training progress stays
     datasets.disable_progress_bars()
