@@ -148,6 +148,19 @@ def write_json(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
+def logged_losses(trainer) -> list:
+    """The training losses the trainer logged (every logging_steps); empty for a run shorter than that."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def loss_summary(trainer, mean_loss: float) -> str:
+    """`loss first -> last` for the stage's log line, or the mean when the run was too short for a curve."""
+    losses = logged_losses(trainer)
+    if len(losses) > 1:
+        return f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    return f"mean loss {mean_loss:.4f} (fewer steps than 2 x logging_steps: no loss curve)"
+
+
 def training_arguments(cls, stage_cfg, out_dir, device: torch.device, dtype: torch.dtype, seed: int, **extra):
     """TrainingArguments (or TRL's SFTConfig) from a LoRA stage section; nothing is saved or reported mid-run."""
     extra.setdefault("num_train_epochs", stage_cfg.num_epochs)

@@ -21,8 +21,8 @@ from typing import List
 
 import torch
 
-from .common import (atomic_output, count_trainable, load_tokenizer, resolve_device, resolve_dtype,
-                     training_arguments, write_json)
+from .common import (atomic_output, count_trainable, load_tokenizer, logged_losses, loss_summary, resolve_device,
+                     resolve_dtype, training_arguments, write_json)
 from .config import CptConfig, DataPath, ModelConfig
 from .data import load_cpt_documents
 from .backend import add_lora, load_for_training
@@ -148,8 +148,8 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
             "added_tokens": tok.convert_ids_to_tokens(new_ids), "added_token_ids": new_ids,
             "embedding_rows": embedding_rows(model),
         }
-        log.info("CPT done: %d steps in %.1fs (%.0f tokens/s), loss %.4f -> %.4f", steps, seconds,
-                 stats["tokens_per_second"] or 0, _first_loss(trainer), stats["final_loss"])
+        log.info("CPT done: %d steps in %.1fs (%.0f tokens/s), %s", steps, seconds, stats["tokens_per_second"] or 0,
+                 loss_summary(trainer, result.training_loss))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -157,17 +157,7 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
     return out_dir
 
 
-def _losses(trainer) -> List[float]:
-    """Logged losses; a run shorter than logging_steps logs only its mean train loss."""
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return logged or [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
-
-
-def _first_loss(trainer) -> float:
-    losses = _losses(trainer)
-    return losses[0] if losses else float("nan")
-
-
 def _last_loss(trainer) -> float:
-    losses = _losses(trainer)
+    """The last logged loss; a run shorter than logging_steps logs only its mean train loss."""
+    losses = logged_losses(trainer) or [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
     return losses[-1] if losses else float("nan")

@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
-from .common import (PipelineError, atomic_output, count_trainable, load_tokenizer, resolve_device,
-                     resolve_dtype, training_arguments, write_json)
+from .common import (PipelineError, atomic_output, count_trainable, load_tokenizer, logged_losses, loss_summary,
+                     resolve_device, resolve_dtype, training_arguments, write_json)
 from .config import DataPath, ModelConfig, SftConfig
 from .data import load_sft_records
 from .backend import add_lora, load_for_training
@@ -152,16 +150,14 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
         t0 = time.time()
         result = trainer.train()
         seconds = time.time() - t0
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        losses = losses or [result.training_loss]
-        log.info("SFT done: %d steps in %.1fs, loss %.4f -> %.4f", result.global_step, seconds, losses[0],
-                 losses[-1])
+        log.info("SFT done: %d steps in %.1fs, %s", result.global_step, seconds,
+                 loss_summary(trainer, result.training_loss))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / "sft_stats.json", {
             "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
-            "final_loss": losses[-1], "seconds": round(seconds, 2),
+            "final_loss": (logged_losses(trainer) or [result.training_loss])[-1], "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit, "backend": backend,
         })

@@ -42,3 +42,18 @@ def test_missing_jinja_file_is_an_error(tmp_path):
     (tmp_path / "t.jinja").write_text("{{ messages }}")
     assert chat_template_text(str(tmp_path / "t.jinja")) == "{{ messages }}"
     assert chat_template_text("{{ x }}") == "{{ x }}"
+
+
+def test_the_loss_line_shows_a_curve_only_when_there_is_one():
+    from types import SimpleNamespace
+
+    from pipeline.common import loss_summary
+
+    def trainer(history):
+        return SimpleNamespace(state=SimpleNamespace(log_history=history))
+
+    curve = [{"loss": 2.5, "step": 10}, {"loss": 1.25, "step": 20}, {"train_loss": 1.8, "step": 20}]
+    assert loss_summary(trainer(curve), 1.8) == "loss 2.5000 -> 1.2500"
+    # 8 steps with logging_steps=10: only the mean is known, and the line says so instead of "loss x -> x"
+    short = [{"train_loss": 2.1754, "step": 8}]
+    assert loss_summary(trainer(short), 2.1754).startswith("mean loss 2.1754 (fewer steps than")
