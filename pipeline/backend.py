@@ -1,12 +1,12 @@
 """Which stack trains: plain transformers + PEFT (+ TRL for SFT), or unsloth's fast path on a CUDA GPU.
 
-    python -m pipeline.run backend=auto      # unsloth when CUDA and unsloth are there, else the plain path
+    python -m pipeline.run backend=auto      # unsloth when CUDA, unsloth and settings it can train are there
     python -m pipeline.run backend=unsloth   # unsloth or a clear error (never its silent CPU fallback)
     python -m pipeline.run backend=hf        # the plain path everywhere
 
-The backends differ only in how CPT and SFT load the model, wrap it with LoRA and which trainer class runs: the data,
-the target_modules presets, the embedding learning rate, the merge (PEFT, fp32, on the 16-bit weights at model.path,
-verified by logits) and the evaluation are the same code. unsloth's own `save_pretrained_merged` is not used: the
+The backends differ only in how CPT, SFT and eval load the model, how the stages wrap it with LoRA, and unsloth's
+inference mode in eval: the data, the target_modules presets, the trainers and the embedding learning rate, the merge
+(PEFT, fp32, on the 16-bit weights at model.path, verified by logits) and the scoring are the same code. unsloth's own `save_pretrained_merged` is not used: the
 pipeline's merge is checked against the adapter model's logits, and unsloth's has known failure modes (it fetches
 16-bit weights by name unless the base is a local directory, merged twice into a reused directory: unsloth #3633).
 
@@ -35,12 +35,45 @@ def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto` → unsloth when the run trains on CUDA and unsloth is installed, else hf; `unsloth` insists on both."""
+def trains_embeddings(spec: Any, modules: Dict[str, Any] | None = None) -> bool:
+    """Whether a target_modules setting (preset or list) trains the embedding or the head, read without a model."""
+    from .modules import EMBED_NAMES, PRESETS
+
+    if isinstance(spec, str):
+        return any(g in ("embed", "lm_head") for g in PRESETS.get(spec, ()))
+    names = set(EMBED_NAMES) | {str(v) for k, v in (modules or {}).items() if k in ("embed", "lm_head")}
+    return any(str(x) in names for x in spec)
+
+
+def unsloth_blockers(model_cfg, stages: List[str], cpt_targets: Any, sft_targets: Any,
+                     tied: bool | None) -> List[str]:
+    """The settings of this run that unsloth's get_peft_model cannot train as the plain path does (empty: none).
+
+    `tied=None` (not known before the model is read) counts as tied: `auto` then takes the plain path, and an explicit
+    backend=unsloth is checked again against the real model before training (run.validate).
+    """
+    out = []
+    if model_cfg.add_special_tokens:
+        out.append("model.add_special_tokens (new token rows are trained with PEFT's trainable tokens, which "
+                   "unsloth's get_peft_model does not take)")
+    for stage, spec in (("cpt", cpt_targets), ("sft", sft_targets)):
+        if stage in stages and tied is not False and trains_embeddings(spec, model_cfg.modules):
+            out.append(f"{stage}.target_modules={spec} (embedding training on a model with "
+                       f"{'tied' if tied else 'possibly tied'} embeddings: unsloth cannot keep the head tied to the "
+                       f"trained copy, unsloth #1971)")
+    return out
+
+
+def resolve_backend(name: str, device: torch.device, blockers: List[str] = ()) -> str:
+    """`auto` → unsloth when the run trains on CUDA, unsloth is installed and the settings are ones it can train,
+    else hf; `unsloth` insists on all three."""
     if name not in BACKENDS:
         raise PipelineError(f"backend={name!r}: use one of {', '.join(BACKENDS)}")
     if name == "hf":
         return "hf"
+    if device.type == "cuda" and device.index not in (None, 0):
+        blockers = [f"device={device} (unsloth places the model on the first visible GPU itself: select the GPU with "
+                    f"CUDA_VISIBLE_DEVICES={device.index} and device=cuda)", *blockers]
     if name == "unsloth":
         if device.type != "cuda":
             raise PipelineError(f"backend=unsloth needs a CUDA GPU, but this run's device is {device} "
@@ -49,8 +82,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
         if not unsloth_installed():
             raise PipelineError("backend=unsloth: unsloth is not installed; pip install -e '.[gpu]' (or use "
                                 "backend=auto, which takes the plain path without it)")
+        if blockers:
+            raise PipelineError(f"backend=unsloth cannot run with {blockers[0]}; use backend=hf (or backend=auto)")
         return "unsloth"
-    return "unsloth" if device.type == "cuda" and unsloth_installed() else "hf"
+    if device.type == "cuda" and unsloth_installed():
+        if blockers:
+            log.info("backend=auto: the plain path, because unsloth cannot run with %s", "; ".join(blockers))
+            return "hf"
+        return "unsloth"
+    return "hf"
 
 
 def activate(backend: str) -> None:

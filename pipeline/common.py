@@ -140,6 +140,19 @@ def is_prequantized(path) -> bool:
     return "quantization_config" in cfg
 
 
+def declared_tied(path) -> "bool | None":
+    """`tie_word_embeddings` as config.json states it (or its text_config, for multimodal wrappers); None if it
+    does not say. Read as JSON, without transformers: the backend is chosen before any Hugging Face import."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    for section in (cfg, cfg.get("text_config") or {}):
+        if isinstance(section.get("tie_word_embeddings"), bool):
+            return section["tie_word_embeddings"]
+    return None
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
     path = Path(path)

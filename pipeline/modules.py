@@ -31,6 +31,9 @@ FAMILIES: Dict[str, Dict[str, Any]] = {
     "gpt_neox": {"attn": ["query_key_value", "dense"], "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
                  "embed": "embed_in", "lm_head": "embed_out"},  # embed/head names are read off the model anyway
 }
+# Names of embedding/head modules across the architectures above (for reading a target list without a model).
+EMBED_NAMES = ("embed_tokens", "lm_head", "embed_in", "embed_out")
+
 PRESETS = {
     "attn": ("attn",),
     "mlp": ("mlp",),

@@ -28,10 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .backend import activate, resolve_backend
+from .backend import activate, resolve_backend, unsloth_blockers
 from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
-from .common import (PipelineError, check_4bit_support, check_model_dir, is_complete, is_prequantized, load_tokenizer,
-                     resolve_device, resolve_dtype, write_json)
+from .common import (PipelineError, check_4bit_support, check_model_dir, declared_tied, is_complete, is_prequantized,
+                     load_tokenizer, resolve_device, resolve_dtype, write_json)
 from .config import EvalConfig, MergeConfig, flat_config, typed
 from .data import CPT_SUFFIXES, resolve_files
 from .eval import TRANSITIONS
@@ -84,7 +84,7 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
     return path
 
 
-def validate(cfg: DictConfig, stages: list) -> None:
+def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training."""
     from .data import load_cpt_documents, load_qa, load_sft_records
     from .modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_targets
@@ -152,6 +152,12 @@ def validate(cfg: DictConfig, stages: list) -> None:
                        embedding_rows(meta))
         if "sft" in stages:
             resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
+        if backend == "unsloth":  # config.json may not have said whether the embeddings are tied; the model does
+            blockers = unsloth_blockers(model_cfg, stages, cfg.cpt.target_modules, cfg.sft.target_modules,
+                                        is_tied(meta))
+            if blockers:
+                raise PipelineError(f"backend={cfg.backend} chose unsloth, which cannot run with {blockers[0]}; use "
+                                    f"backend=hf")
 
 
 def _settings(section) -> dict:
@@ -177,19 +183,24 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     from .demo_model import ensure_demo_model
 
     seed, device = int(cfg.seed), str(cfg.device)
-    # Before any Hugging Face import: unsloth patches transformers, PEFT and TRL when it is imported first.
-    backend = resolve_backend(str(cfg.backend), resolve_device(device))
+    stages = _stage_list(cfg)
+    # Before any Hugging Face import: unsloth patches transformers, PEFT and TRL when it is imported first. So what
+    # unsloth cannot train is judged from the config and config.json alone here, and against the model in validate.
+    model_cfg = typed(cfg, "model")
+    tied = declared_tied(model_cfg.path)
+    blockers = unsloth_blockers(model_cfg, stages, cfg.cpt.target_modules, cfg.sft.target_modules,
+                                model_cfg.tied_embeddings if tied is None else tied)
+    backend = resolve_backend(str(cfg.backend), resolve_device(device), blockers)
     activate(backend)
     _quiet_libraries()
     log.info("backend: %s (backend=%s, device=%s)", backend, cfg.backend, resolve_device(device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stages = _stage_list(cfg)
-    validate(cfg, stages)
+    validate(cfg, stages, backend)
     model_cfg, data_cfg = typed(cfg, "model"), typed(cfg, "data")
     if model_cfg.build_demo_if_missing:
         ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
-        validate(cfg, stages)  # now the target modules can be checked against the built model
+        validate(cfg, stages, backend)  # now the target modules can be checked against the built model
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
     paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}

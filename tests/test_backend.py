@@ -10,13 +10,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from conftest import make_tiny_model, tiny_overrides
 from test_pipeline import compose_cfg
 from pipeline import backend as backends
-from pipeline.backend import resolve_backend, unsloth_load_kwargs, unsloth_peft_kwargs
-from pipeline.common import PipelineError
+from pipeline.backend import (resolve_backend, trains_embeddings, unsloth_blockers, unsloth_load_kwargs,
+                              unsloth_peft_kwargs)
+from pipeline.common import PipelineError, declared_tied
+from pipeline.config import ModelConfig
 from pipeline.modules import resolve_targets, token_training
-from pipeline.run import run_pipeline
+from pipeline.run import run_pipeline, validate
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
@@ -47,6 +49,55 @@ def test_unsloth_on_cuda_without_the_package(monkeypatch):
     monkeypatch.setattr(backends, "unsloth_installed", lambda: False)
     with pytest.raises(PipelineError, match=r"backend=unsloth: unsloth is not installed; pip install -e '.\[gpu\]'"):
         resolve_backend("unsloth", CUDA)
+
+
+def test_what_unsloth_cannot_train_is_known_before_any_import():
+    both = ["cpt", "merge", "sft", "eval"]
+    plain = ModelConfig(path="m")
+    assert trains_embeddings("attn_mlp_embed") and not trains_embeddings("attn_mlp")
+    assert trains_embeddings(["q_proj", "lm_head"]) and not trains_embeddings(["q_proj", "v_proj"])
+    assert trains_embeddings(["wte"], {"embed": "wte"})  # model.modules renames the embedding
+    # embedding training matters only when the model is (or may be) tied, and only for the stages that run
+    assert unsloth_blockers(plain, both, "attn_mlp_embed", "attn_mlp", tied=False) == []
+    assert unsloth_blockers(plain, both, "attn_mlp", "attn_mlp", tied=True) == []
+    (reason,) = unsloth_blockers(plain, both, "attn_mlp_embed", "attn_mlp", tied=True)
+    assert reason.startswith("cpt.target_modules=attn_mlp_embed (embedding training on a model with tied embeddings")
+    assert unsloth_blockers(plain, ["sft", "eval"], "attn_mlp_embed", "attn_mlp", tied=True) == []
+    assert "possibly tied" in unsloth_blockers(plain, both, "attn", "attn_mlp_embed", tied=None)[0]
+    tokens = ModelConfig(path="m", add_special_tokens=["<|im_end|>"])
+    assert unsloth_blockers(tokens, both, "attn", "attn", tied=False)[0].startswith("model.add_special_tokens")
+
+
+def test_auto_takes_the_plain_path_for_what_unsloth_cannot_train(monkeypatch, caplog):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+    blockers = ["model.add_special_tokens (...)"]
+    with caplog.at_level("INFO", logger="pipeline.backend"):
+        assert resolve_backend("auto", CUDA, blockers) == "hf"
+    assert "backend=auto: the plain path, because unsloth cannot run with model.add_special_tokens" in caplog.text
+    with pytest.raises(PipelineError, match=r"^backend=unsloth cannot run with model.add_special_tokens \(...\); use "
+                                            r"backend=hf \(or backend=auto\)$"):
+        resolve_backend("unsloth", CUDA, blockers)
+
+
+def test_a_second_gpu_is_chosen_outside_unsloth(monkeypatch):
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda:0")) == "unsloth"
+    assert resolve_backend("auto", torch.device("cuda:1")) == "hf"
+    with pytest.raises(PipelineError, match=r"^backend=unsloth cannot run with device=cuda:1 \(.*"
+                                            r"CUDA_VISIBLE_DEVICES=1 and device=cuda\)"):
+        resolve_backend("unsloth", torch.device("cuda:1"))
+
+
+def test_tied_embeddings_are_read_from_config_json(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {
+        "tie_word_embeddings": True}}))
+    assert declared_tied(tmp_path) is True
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    assert declared_tied(tmp_path) is False
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    assert declared_tied(tmp_path) is None and declared_tied(tmp_path / "missing") is None
 
 
 def test_unknown_backend():
@@ -108,3 +159,14 @@ def test_the_core_install_stays_cpu_friendly():
     assert not any(name in core for name in ("unsloth", "bitsandbytes", "xformers", "torchvision"))
     gpu = " ".join(project["optional-dependencies"]["gpu"]).lower()
     assert "unsloth==" in gpu and "unsloth_zoo==" in gpu and "bitsandbytes" in gpu
+
+
+def test_an_explicit_unsloth_is_checked_against_the_model_before_training(tmp_path, data_files):
+    """config.json need not say whether embeddings are tied; validate reads the model and refuses before training."""
+    model = make_tiny_model(tmp_path / "model", tie=True)
+    cfg = compose_cfg(tiny_overrides(model, data_files, **{"cpt.target_modules": "attn_mlp_embed"}))
+    validate(cfg, ["cpt", "merge", "sft", "eval"], "hf")
+    with pytest.raises(PipelineError, match=r"^backend=auto chose unsloth, which cannot run with "
+                                            r"cpt.target_modules=attn_mlp_embed \(embedding training on a model "
+                                            r"with tied embeddings"):
+        validate(cfg, ["cpt", "merge", "sft", "eval"], "unsloth")
