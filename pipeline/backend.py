@@ -5,10 +5,11 @@
     python -m pipeline.run backend=hf        # the plain path everywhere
 
 The backends differ only in how CPT, SFT and eval load the model, how the stages wrap it with LoRA, and unsloth's
-inference mode in eval: the data, the target_modules presets, the trainers and the embedding learning rate, the merge
-(PEFT, fp32, on the 16-bit weights at model.path, verified by logits) and the scoring are the same code. unsloth's own `save_pretrained_merged` is not used: the
-pipeline's merge is checked against the adapter model's logits, and unsloth's has known failure modes (it fetches
-16-bit weights by name unless the base is a local directory, merged twice into a reused directory: unsloth #3633).
+inference mode in eval: the data, the target_modules presets, the trainers and the embedding learning rate, the
+merge (PEFT, fp32, on the 16-bit weights at model.path, verified by logits) and the scoring are the same code.
+unsloth's own `save_pretrained_merged` is not used: the pipeline's merge is checked against the adapter model's
+logits, and unsloth's has known failure modes (it fetches 16-bit weights by name unless the base is a local
+directory, merged twice into a reused directory: unsloth #3633).
 
 unsloth must be imported before transformers, PEFT and TRL (it patches them), so `activate` runs first thing in a
 run; it also refuses CPUs (UNSLOTH_DISABLE_CPU_FALLBACK, set in pipeline/__init__.py) instead of silently becoming

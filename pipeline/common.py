@@ -110,6 +110,12 @@ def check_4bit_support(device: torch.device) -> None:
                             f"{device} here ({first}); set model.load_in_4bit=false") from None
 
 
+def count_4bit_linears(model) -> int:
+    """bitsandbytes 4-bit linear layers in `model` (also under a LoRA wrapper): what was really trained in 4-bit."""
+    return sum(1 for m in model.modules()
+               if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
+
+
 def load_model(path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
                load_in_4bit: bool = False):
     """A causal LM from a local checkpoint; with `load_in_4bit` its linear layers are quantized to nf4 on load.

@@ -21,8 +21,8 @@ from typing import List
 
 import torch
 
-from .common import (atomic_output, count_trainable, load_tokenizer, logged_losses, loss_summary, resolve_device,
-                     resolve_dtype, training_arguments, write_json)
+from .common import (atomic_output, count_4bit_linears, count_trainable, load_tokenizer, logged_losses, loss_summary,
+                     resolve_device, resolve_dtype, training_arguments, write_json)
 from .config import CptConfig, DataPath, ModelConfig
 from .data import load_cpt_documents
 from .backend import add_lora, load_for_training
@@ -104,8 +104,8 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
 
     set_seed(seed)
     model = load_for_training(backend, model_cfg.path, model_cfg, dtype, dev)
-    new_ids = add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model))
-    grown = fit_embeddings(model, len(tok))
+    new_ids = add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model), f"model.path={model_cfg.path}")
+    grown = fit_embeddings(model, len(tok), new_ids)
     if new_ids:
         log.info("vocabulary: %d new token(s) %s (ids %s); embedding matrix grown by %d rows", len(new_ids),
                  tok.convert_ids_to_tokens(new_ids), new_ids, grown)
@@ -144,7 +144,8 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
             "train_loss": result.training_loss, "final_loss": _last_loss(trainer), "seconds": round(seconds, 2),
             "tokens_per_second": round(seen_tokens / seconds, 1) if seconds > 0 else None,
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
-            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit, "backend": backend,
+            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
+            "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
             "added_tokens": tok.convert_ids_to_tokens(new_ids), "added_token_ids": new_ids,
             "embedding_rows": embedding_rows(model),
         }

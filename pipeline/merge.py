@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (PipelineError, atomic_output, is_prequantized, load_model, load_tokenizer, resolve_device,
-                     resolve_dtype, write_json)
+from .common import (PipelineError, atomic_output, check_4bit_support, is_prequantized, load_model, load_tokenizer,
+                     resolve_device, resolve_dtype, write_json)
 from .config import MergeConfig, ModelConfig
 from .modules import embedding_rows, fit_embeddings, is_tied
 
@@ -61,11 +61,11 @@ def _save_dtype(name: str, base_path: str, trust_remote_code: bool = False) -> t
     return table[name]
 
 
-def _with_adapter(base, adapter_dir, n_tokens: int):
+def _with_adapter(base, adapter_dir, n_tokens: int, new_ids):
     """`base` grown to the adapter's vocabulary exactly as CPT grew it, with the adapter applied."""
     from peft import PeftModel
 
-    fit_embeddings(base, n_tokens)
+    fit_embeddings(base, n_tokens, new_ids)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
@@ -75,20 +75,20 @@ def _compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "top1_agreement": (reference.argmax(-1) == other.argmax(-1)).float().mean().item()}
 
 
-def quantized_drift(model_cfg: ModelConfig, adapter_dir, n_tokens: int, ids: torch.Tensor, merged_logits,
+def quantized_drift(model_cfg: ModelConfig, adapter_dir, vocab: tuple, ids: torch.Tensor, merged_logits,
                     base_ids: torch.Tensor, base_logits, device: str) -> dict:
     """How far the merged 16-bit model is from the model CPT actually trained (4-bit base + adapter).
 
     This is not an error: QLoRA trains against rounded weights, and the merged model uses the exact ones. It is
     the price of training in 4-bit, reported so that a user can see it (stage log, merge_check.json, metrics.json).
     The same comparison for the base alone (16-bit vs 4-bit, no adapter: `base_*`) says how much of it is the
-    rounding itself, which on a small model is most of it (SmolLM2-135M: mean |dlogit| 1.7 before any training).
+    rounding itself, which on a small model is most of it (SmolLM2-135M: mean |dlogit| 1.96 of 2.09 after 8 steps).
     """
     dev = resolve_device(device)
     q = load_model(model_cfg.path, resolve_dtype(model_cfg.dtype, dev), dev, model_cfg.trust_remote_code,
                    load_in_4bit=True)
     q_base_logits = _logits(q, base_ids.to(dev)).cpu()
-    q_logits = _logits(_with_adapter(q, adapter_dir, n_tokens), ids.to(dev)).cpu()
+    q_logits = _logits(_with_adapter(q, adapter_dir, *vocab), ids.to(dev)).cpu()
     del q
     return {**_compare(merged_logits, q_logits),
             **{f"base_{k}": v for k, v in _compare(base_logits, q_base_logits).items()}}
@@ -114,7 +114,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     if stats.get("load_in_4bit"):  # the base's own logits, before the adapter (and any added rows) go in
         base_ids = ids[:, ids[0] < embedding_rows(base)]
         base_logits = _logits(base, base_ids)
-    peft_model = _with_adapter(base, adapter_dir, len(tok))
+    vocab = (len(tok), stats.get("added_token_ids", []))  # the vocabulary CPT trained with
+    peft_model = _with_adapter(base, adapter_dir, *vocab)
     ref = _logits(peft_model, ids)
 
     merged = peft_model.merge_and_unload().eval()
@@ -131,13 +132,19 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
         )
     drift = None
     if stats.get("load_in_4bit"):
-        drift = quantized_drift(model_cfg, adapter_dir, len(tok), ids, _logits(merged, ids), base_ids, base_logits,
-                                device)
-        log.info("4-bit drift: the merged 16-bit model vs the 4-bit model CPT trained: max |dlogit| %.3g, mean "
-                 "%.3g, same top-1 token on %.1f%% of positions (the base alone, 16-bit vs 4-bit: max %.3g, mean "
-                 "%.3g, %.1f%%)", drift["max_abs_logit_diff"], drift["mean_abs_logit_diff"],
-                 100 * drift["top1_agreement"], drift["base_max_abs_logit_diff"], drift["base_mean_abs_logit_diff"],
-                 100 * drift["base_top1_agreement"])
+        try:  # a report, not a check: a machine that cannot run 4-bit still merges (e.g. stages=[merge] on a CPU)
+            check_4bit_support(resolve_device(device))
+            drift = quantized_drift(model_cfg, adapter_dir, vocab, ids, _logits(merged, ids), base_ids, base_logits,
+                                    device)
+            log.info("4-bit drift: the merged 16-bit model vs the 4-bit model CPT trained: max |dlogit| %.3g, mean "
+                     "%.3g, same top-1 token on %.1f%% of positions (the base alone, 16-bit vs 4-bit: max %.3g, "
+                     "mean %.3g, %.1f%%)", drift["max_abs_logit_diff"], drift["mean_abs_logit_diff"],
+                     100 * drift["top1_agreement"], drift["base_max_abs_logit_diff"],
+                     drift["base_mean_abs_logit_diff"], 100 * drift["base_top1_agreement"])
+        except PipelineError as e:
+            drift = {"not_measured": str(e)}
+            log.warning("4-bit drift not measured: the 4-bit model CPT trained cannot be rebuilt here (%s); the merge "
+                        "itself is verified as usual", e)
     if is_tied(merged) != base_tied:
         raise PipelineError(f"merge check failed: the base model's embeddings are {'tied' if base_tied else 'untied'}"
                             f" but the merged model's are not; refusing to save")

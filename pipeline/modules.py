@@ -156,12 +156,13 @@ def embedding_rows(model: nn.Module) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
 
-def add_tokens(tokenizer, tokens: List[str], rows: int, key: str = "model.add_special_tokens") -> List[int]:
+def add_tokens(tokenizer, tokens: List[str], rows: int, where: str) -> List[int]:
     """Add `tokens` to the tokenizer as special tokens; returns the ids whose embedding rows were never trained.
 
     Those are the tokens that were not in the vocabulary before, and any listed token whose id lies beyond the
-    model's `rows` embedding rows. A tokenizer with *other* ids beyond the embedding is refused: the model has no
-    vector for them, and nothing in the pipeline would train one.
+    model's `rows` embedding rows. `where` names the checkpoint in errors (e.g. "model.path=/models/x"). A tokenizer
+    with *other* ids beyond the embedding is refused: the model has no vector for them, and nothing in the pipeline
+    would train one.
     """
     known = tokenizer.get_vocab()
     if tokens:
@@ -172,28 +173,34 @@ def add_tokens(tokenizer, tokens: List[str], rows: int, key: str = "model.add_sp
     if beyond:
         names = tokenizer.convert_ids_to_tokens(beyond[:5])
         raise PipelineError(
-            f"{key}: the tokenizer has {len(tokenizer)} tokens but the model has only {rows} embedding rows; "
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model has only {rows} embedding rows; "
             f"token(s) {names}{' ...' if len(beyond) > 5 else ''} have no embedding. List them in "
             f"model.add_special_tokens so that the embeddings are resized and trained, or use the model's own "
             f"tokenizer")
     return new
 
 
-def fit_embeddings(model: nn.Module, n_tokens: int) -> int:
-    """Grow the embedding matrix (and an untied head) to `n_tokens` rows; returns the number of rows added.
+def fit_embeddings(model: nn.Module, n_tokens: int, new_ids: List[int] = ()) -> int:
+    """Grow the embedding matrix (and an untied head) to `n_tokens` rows and start the rows of `new_ids` at the mean
+    of the other rows; returns the number of rows added.
 
-    New rows start as the mean of the existing rows. Not transformers' mean_resizing, which adds random noise: the
-    merge stage rebuilds the same resized base from model.path and must get exactly the rows CPT started from.
+    New ids can also land on existing rows that no token used (Qwen pads its matrix to a multiple of 128): those
+    start at the mean too, not at whatever the checkpoint left there. Not transformers' mean_resizing, which adds
+    random noise: the merge stage rebuilds the same base from model.path and must get exactly the rows CPT started
+    from.
     """
     rows = embedding_rows(model)
-    if n_tokens <= rows:
-        return 0
-    model.resize_token_embeddings(n_tokens, mean_resizing=False)
-    with torch.no_grad():
-        layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-        for w in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
-            w[rows:] = w[:rows].mean(0, keepdim=True)
-    return n_tokens - rows
+    grown = max(0, n_tokens - rows)
+    if grown:
+        model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    fresh = sorted(set(new_ids) | set(range(rows, rows + grown)))
+    if fresh:
+        old = [i for i in range(rows) if i not in set(fresh)]
+        with torch.no_grad():
+            layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+            for w in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
+                w[fresh] = w[old].mean(0, keepdim=True).to(w.dtype)
+    return grown
 
 
 def token_training(new_ids: List[int], targets: Targets, model: nn.Module,

@@ -149,7 +149,7 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         if "cpt" in stages:
             resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
             add_tokens(load_tokenizer(model_cfg.path, model_cfg.trust_remote_code), model_cfg.add_special_tokens,
-                       embedding_rows(meta))
+                       embedding_rows(meta), f"model.path={model_cfg.path}")
         if "sft" in stages:
             resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
         if backend == "unsloth":  # config.json may not have said whether the embeddings are tied; the model does
@@ -297,7 +297,8 @@ def merge_metrics(cpt_model: Optional[str]) -> Dict:
     check = json.loads(check_file.read_text(encoding="utf-8"))
     out = {f"merge/{k}": check.get(k) for k in ("max_abs_logit_diff", "tolerance", "reload_max_abs_logit_diff")}
     for k, v in (check.get("quantized_training_drift") or {}).items():
-        out[f"merge/4bit_{k}"] = v
+        if isinstance(v, (int, float)):  # not the reason when it could not be measured (merge_check.json has it)
+            out[f"merge/4bit_{k}"] = v
     return out
 
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .common import (PipelineError, atomic_output, count_trainable, load_tokenizer, logged_losses, loss_summary,
-                     resolve_device, resolve_dtype, training_arguments, write_json)
+from .common import (PipelineError, atomic_output, count_4bit_linears, count_trainable, load_tokenizer, logged_losses,
+                     loss_summary, resolve_device, resolve_dtype, training_arguments, write_json)
 from .config import DataPath, ModelConfig, SftConfig
 from .data import load_sft_records
 from .backend import add_lora, load_for_training
@@ -122,7 +122,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
     model = load_for_training(backend, cpt_model_dir, model_cfg, dtype, dev)
     # Tokens are added at CPT; here they must already have rows. Their rows train again (a chat template's markers
     # are learned in SFT, where they first carry meaning).
-    if add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model)):
+    if add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model), f"CPT model {cpt_model_dir}"):
         raise PipelineError(f"model.add_special_tokens: {model_cfg.add_special_tokens} are not all in the CPT "
                             f"model's vocabulary ({cpt_model_dir}); tokens are added by the CPT stage: run cpt and "
                             f"merge with this setting")
@@ -159,6 +159,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
             "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
             "final_loss": (logged_losses(trainer) or [result.training_loss])[-1], "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
-            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit, "backend": backend,
+            "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
+            "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
         })
     return out_dir

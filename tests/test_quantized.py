@@ -25,7 +25,8 @@ def test_qlora_cpt_merges_into_16bit_and_reports_drift(tmp_path, data_files):
     metrics = run_pipeline(cfg, tmp_path / "run")
 
     stats = json.loads((tmp_path / "run" / "cpt_adapter" / "cpt_stats.json").read_text())
-    assert stats["load_in_4bit"] is True
+    # counted on the trained model: 2 layers x (4 attention + 3 MLP) linears ran in nf4
+    assert stats["load_in_4bit"] is True and stats["linear_4bit_modules"] == 14
     check = json.loads((tmp_path / "run" / "cpt_model" / "merge_check.json").read_text())
     # the merge itself (16-bit base + adapter vs merged) is exact; the 4-bit model CPT trained is not the same model
     assert check["max_abs_logit_diff"] <= 1e-4
@@ -40,8 +41,28 @@ def test_qlora_cpt_merges_into_16bit_and_reports_drift(tmp_path, data_files):
     config = json.loads((tmp_path / "run" / "cpt_model" / "config.json").read_text())
     assert "quantization_config" not in config
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "cpt_model").dtype == torch.float32
-    assert json.loads((tmp_path / "run" / "sft_adapter" / "sft_stats.json").read_text())["load_in_4bit"] is True
+    assert json.loads((tmp_path / "run" / "sft_adapter" / "sft_stats.json").read_text())["linear_4bit_modules"] == 14
     assert "sft/contains" in metrics
+
+
+def test_a_merge_where_4bit_cannot_run_still_merges_and_says_why_there_is_no_drift(tmp_path, data_files,
+                                                                                   monkeypatch):
+    model = make_tiny_model(tmp_path / "model", hidden_size=64)
+    cfg = compose_cfg(tiny_overrides(model, data_files, **{"model.load_in_4bit": "true", "stages": "[cpt]"}))
+    run_pipeline(cfg, tmp_path / "cpt")
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no 4-bit kernel for this backend")
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", no_kernel)  # e.g. merging on another machine
+    cfg = compose_cfg(tiny_overrides(model, data_files, **{
+        "model.load_in_4bit": "true", "stages": "[merge]", "inputs.cpt_adapter": str(tmp_path / "cpt" / "cpt_adapter"),
+        "cache.enabled": "false"}))
+    metrics = run_pipeline(cfg, tmp_path / "merge")
+    check = json.loads((tmp_path / "merge" / "cpt_model" / "merge_check.json").read_text())
+    assert check["max_abs_logit_diff"] <= 1e-4  # the merge itself is checked as always
+    assert "cannot run 4-bit (nf4) on cpu here" in check["quantized_training_drift"]["not_measured"]
+    assert not [k for k in metrics if k.startswith("merge/4bit_")]
 
 
 def test_prequantized_base_is_refused(tmp_path, data_files):

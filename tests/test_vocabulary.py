@@ -57,7 +57,27 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, data_files):
     tok = AutoTokenizer.from_pretrained(model)
     tok.add_tokens(["<extra>"], special_tokens=True)  # the tokenizer now has a token the model has no row for
     tok.save_pretrained(model)
-    with pytest.raises(PipelineError, match=r"model.add_special_tokens: the tokenizer has 401 tokens but the model has "
+    with pytest.raises(PipelineError, match=r"^model.path=.*/model: the tokenizer has 401 tokens but the model has "
                                             r"only 400 embedding rows; token\(s\) \['<extra>'\] have no embedding"):
         run_pipeline(compose_cfg(tiny_overrides(model, data_files)), tmp_path / "run")
     assert not (tmp_path / "run" / "cpt_adapter").exists()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_new_rows_start_at_the_mean_of_the_old_ones(tie):
+    """Rows 0..3 hold 0, 1, 2, 3 (row 2 unused by any token before, as in Qwen's padded matrix); tokens get ids 2 and
+    4..5. The mean of the other old rows, (0 + 1 + 3) / 3 = 4/3, is where all three start, in the head too."""
+    from transformers import AutoConfig
+
+    from pipeline.modules import fit_embeddings
+
+    cfg = AutoConfig.for_model("llama", vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            layer.weight.copy_(torch.arange(4.0)[:, None].expand(4, 8))
+    assert fit_embeddings(model, 6, [2, 4, 5]) == 2  # grown by two rows
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        assert torch.allclose(layer.weight[:, 0], torch.tensor([0, 1, 4 / 3, 3, 4 / 3, 4 / 3]))
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
