@@ -140,19 +140,21 @@ def load_model(path, dtype: torch.dtype, device: torch.device, trust_remote_code
     return model if load_in_4bit else model.to(device)
 
 
+def _config_json(path) -> dict:
+    """A checkpoint's config.json as plain JSON ({} if there is none): readable before transformers is imported."""
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
 def is_prequantized(path) -> bool:
     """A checkpoint saved already quantized (config.json has a quantization_config): its 16-bit weights are gone."""
-    cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    return "quantization_config" in cfg
+    return "quantization_config" in _config_json(path)
 
 
 def declared_tied(path) -> "bool | None":
     """`tie_word_embeddings` as config.json states it (or its text_config, for multimodal wrappers); None if it
     does not say. Read as JSON, without transformers: the backend is chosen before any Hugging Face import."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return None
-    cfg = json.loads(file.read_text(encoding="utf-8"))
+    cfg = _config_json(path)
     for section in (cfg, cfg.get("text_config") or {}):
         if isinstance(section.get("tie_word_embeddings"), bool):
             return section["tie_word_embeddings"]
@@ -167,14 +169,19 @@ def write_json(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def logged_losses(trainer) -> list:
+def _logged_losses(trainer) -> list:
     """The training losses the trainer logged (every logging_steps); empty for a run shorter than that."""
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def final_loss(trainer, mean_loss: float) -> float:
+    """The last logged loss; the run's mean loss when it was too short to log one."""
+    return (_logged_losses(trainer) or [mean_loss])[-1]
+
+
 def loss_summary(trainer, mean_loss: float) -> str:
     """`loss first -> last` for the stage's log line, or the mean when the run was too short for a curve."""
-    losses = logged_losses(trainer)
+    losses = _logged_losses(trainer)
     if len(losses) > 1:
         return f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     return f"mean loss {mean_loss:.4f} (fewer steps than 2 x logging_steps: no loss curve)"

@@ -21,7 +21,7 @@ from typing import List
 
 import torch
 
-from .common import (atomic_output, count_4bit_linears, count_trainable, load_tokenizer, logged_losses, loss_summary,
+from .common import (atomic_output, count_4bit_linears, count_trainable, final_loss, load_tokenizer, loss_summary,
                      resolve_device, resolve_dtype, training_arguments, write_json)
 from .config import CptConfig, DataPath, ModelConfig
 from .data import load_cpt_documents
@@ -141,7 +141,7 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
         stats = {
             "documents": len(docs), "tokens_per_epoch": n_tokens, "blocks_per_epoch": len(blocks) // passes,
             "epochs": cfg.num_epochs, "steps": steps,
-            "train_loss": result.training_loss, "final_loss": _last_loss(trainer), "seconds": round(seconds, 2),
+            "train_loss": result.training_loss, "final_loss": final_loss(trainer, result.training_loss), "seconds": round(seconds, 2),
             "tokens_per_second": round(seen_tokens / seconds, 1) if seconds > 0 else None,
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
@@ -157,8 +157,3 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
         write_json(tmp / "cpt_stats.json", stats)
     return out_dir
 
-
-def _last_loss(trainer) -> float:
-    """The last logged loss; a run shorter than logging_steps logs only its mean train loss."""
-    losses = logged_losses(trainer) or [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
-    return losses[-1] if losses else float("nan")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .common import (PipelineError, atomic_output, check_4bit_support, is_prequantized, load_model, load_tokenizer,
-                     resolve_device, resolve_dtype, write_json)
+from .common import (PipelineError, atomic_output, is_prequantized, load_model, load_tokenizer, resolve_device,
+                     resolve_dtype, write_json)
 from .config import MergeConfig, ModelConfig
 from .modules import embedding_rows, fit_embeddings, is_tied
 
@@ -111,7 +111,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     base = load_model(model_cfg.path, torch.float32, torch.device("cpu"), model_cfg.trust_remote_code)
     base_tied = is_tied(base)
     ids = check_sample(tok, cfg.check_tokens)
-    if stats.get("load_in_4bit"):  # the base's own logits, before the adapter (and any added rows) go in
+    quantized = bool(stats.get("load_in_4bit"))  # CPT trained on a 4-bit copy of the base (QLoRA)
+    if quantized:  # the base's own logits, before the adapter (and any added rows) go in
         base_ids = ids[:, ids[0] < embedding_rows(base)]
         base_logits = _logits(base, base_ids)
     vocab = (len(tok), stats.get("added_token_ids", []))  # the vocabulary CPT trained with
@@ -131,9 +132,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
             f"{cfg.rel_logit_diff:g} x max|logit| {scale:.1f}); the merged model is broken and was not saved"
         )
     drift = None
-    if stats.get("load_in_4bit"):
+    if quantized:
         try:  # a report, not a check: a machine that cannot run 4-bit still merges (e.g. stages=[merge] on a CPU)
-            check_4bit_support(resolve_device(device))
             drift = quantized_drift(model_cfg, adapter_dir, vocab, ids, _logits(merged, ids), base_ids, base_logits,
                                     device)
             log.info("4-bit drift: the merged 16-bit model vs the 4-bit model CPT trained: max |dlogit| %.3g, mean "

@@ -195,11 +195,12 @@ def fit_embeddings(model: nn.Module, n_tokens: int, new_ids: List[int] = ()) -> 
         model.resize_token_embeddings(n_tokens, mean_resizing=False)
     fresh = sorted(set(new_ids) | set(range(rows, rows + grown)))
     if fresh:
-        old = [i for i in range(rows) if i not in set(fresh)]
+        old = torch.ones(rows, dtype=torch.bool)
+        old[[i for i in fresh if i < rows]] = False
         with torch.no_grad():
             layers = [model.get_input_embeddings(), model.get_output_embeddings()]
             for w in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
-                w[fresh] = w[old].mean(0, keepdim=True).to(w.dtype)
+                w[fresh] = w[:rows][old.to(w.device)].mean(0, keepdim=True).to(w.dtype)
     return grown
 
 

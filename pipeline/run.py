@@ -197,7 +197,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg, stages, backend)
-    model_cfg, data_cfg = typed(cfg, "model"), typed(cfg, "data")
+    data_cfg = typed(cfg, "data")
     if model_cfg.build_demo_if_missing:
         ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
         validate(cfg, stages, backend)  # now the target modules can be checked against the built model

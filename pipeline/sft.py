@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .common import (PipelineError, atomic_output, count_4bit_linears, count_trainable, load_tokenizer, logged_losses,
+from .common import (PipelineError, atomic_output, count_4bit_linears, count_trainable, final_loss, load_tokenizer,
                      loss_summary, resolve_device, resolve_dtype, training_arguments, write_json)
 from .config import DataPath, ModelConfig, SftConfig
 from .data import load_sft_records
@@ -157,7 +157,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
         tok.save_pretrained(tmp)
         write_json(tmp / "sft_stats.json", {
             "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
-            "final_loss": (logged_losses(trainer) or [result.training_loss])[-1], "seconds": round(seconds, 2),
+            "final_loss": final_loss(trainer, result.training_loss), "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
             "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
