@@ -1,6 +1,6 @@
 """CPT on a real pretrained model (SmolLM2-135M-Instruct) on CPU: tokens/s, and whether the injected facts stick.
 
-    python ../shared/tools/make_smollm2.py outputs/smollm2-135m-instruct    # once, offline (about 30 s)
+    python -m pipeline.smollm2 outputs/smollm2-135m-instruct    # once, without a model hub (about 30 s)
     python benchmarks/smollm2_cpt.py [--cpt-file data/cpt/設備台帳.md] [--epochs 4]
 
 Runs `python -m pipeline.run model=smollm2_135m` with the CPT, merge and eval stages (base and CPT model) on one file
@@ -45,7 +45,7 @@ def main() -> None:
 
     model = (ROOT / args.model).resolve()
     if not (model / "config.json").is_file():
-        sys.exit(f"error: {model}: no checkpoint; build it with python ../shared/tools/make_smollm2.py {args.model}")
+        sys.exit(f"error: {model}: no checkpoint; build it with python -m pipeline.smollm2 {args.model}")
     cpt_file = (ROOT / args.cpt_file).resolve()
     questions = split_questions(cpt_file, ROOT / "eval_sets" / "qa.jsonl")
     with tempfile.TemporaryDirectory() as tmp:

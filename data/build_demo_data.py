@@ -29,6 +29,9 @@ HELDOUT_PATH = ROOT / "data" / "heldout" / "domain_paraphrases.jsonl"
 PRETRAIN_PATH = ROOT / "data" / "pretrain" / "public_corpus.txt"
 SFT_PATH = ROOT / "data" / "sft" / "chat.jsonl"
 QA_PATH = ROOT / "eval_sets" / "qa.jsonl"
+# Question-answer pairs for the cpt.qa_mix lever (PIT-style QA in CPT) and the SFT dev set: the FAQ facts asked in a
+# third, short wording ("P-101の定格能力は？") that neither the QA set nor the FAQ export uses.
+CPT_QA_PATH = ROOT / "data" / "cpt_qa" / "faq_short_questions.jsonl"
 GENERAL_QA_PATH = ROOT / "eval_sets" / "general_qa.jsonl"
 
 PARAPHRASES_PER_FACT = 6  # every statement template is used once per fact, each in a different document
@@ -802,7 +805,7 @@ def main():
     cpt_all = "\n".join(cpt_texts.values())
 
     # ---------------- domain: QA set and held-out paraphrases ----------------
-    qa_rows, held_rows, faq_rows = [], [], []
+    qa_rows, held_rows, faq_rows, short_rows = [], [], [], []
     rel_counter = Counter()
     for i, f in enumerate(domain.facts, 1):
         spec = RELATIONS[f["relation"]]
@@ -818,6 +821,8 @@ def main():
         if in_faq:
             other = spec["questions"][(qi + 1) % len(spec["questions"])]
             faq_rows.append({"text": f"質問: {render(other, f)}\n答え: {f['answer']}"})
+            short = render(spec["statements"][0].split("{a}")[0], f) + "？"  # "{e}の定格能力は{a}です。" -> "…は？"
+            short_rows.append({"id": f"p{qid}", "question": short, "answer": f["answer"], "aliases": f["aliases"]})
         qa_rows.append({"id": qid, "question": render(spec["questions"][qi], f), "answer": f["answer"],
                         "aliases": f["aliases"], "relation": f["relation"], "entity": f["entity"],
                         "group": "faq" if in_faq else "text_only"})
@@ -825,6 +830,7 @@ def main():
     write_jsonl(CPT_DIR / "社内FAQ.jsonl", faq_rows)
     write_jsonl(QA_PATH, qa_rows)
     write_jsonl(HELDOUT_PATH, held_rows)
+    write_jsonl(CPT_QA_PATH, short_rows)
 
     # ---------------- general knowledge QA ----------------
     gen_rows = [{"id": f"g{i:03d}", "question": g["question"], "answer": g["answer"], "aliases": g["aliases"],
@@ -996,6 +1002,10 @@ def main():
         assert r["answer"] in cpt_all, r
         assert r["question"] in [render(t, f) for t in RELATIONS[f["relation"]]["questions"]], r
         assert len(r["answer"]) <= 12, r
+    # (2b) the short-question pairs never repeat a QA-set question (pipeline/mixing.py refuses that at run time too)
+    qa_stems = {r["question"].rstrip("？") for r in qa_rows}
+    for r in short_rows:
+        assert r["question"].rstrip("？") not in qa_stems, r
     # (3) held-out paraphrases never occur in any training text
     sft_text = "\n".join(m["content"] for ex in sft for m in ex["messages"])
     for h in held_rows:
@@ -1038,6 +1048,7 @@ def main():
     print(f"eval_sets/qa.jsonl: {len(qa_rows)} records")
     print(f"eval_sets/general_qa.jsonl: {len(gen_rows)} records")
     print(f"data/heldout/domain_paraphrases.jsonl: {len(held_rows)} records")
+    print(f"data/cpt_qa/faq_short_questions.jsonl: {len(short_rows)} records")
     print(f"data/sft/chat.jsonl: {len(sft)} records ({n_sft_tmpl} in QA question templates)")
     print("all checks passed")
 

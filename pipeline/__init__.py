@@ -17,6 +17,7 @@ _OFFLINE = {
     # backend=unsloth runs only on CUDA; if unsloth ever gets imported on a CPU it must fail, not quietly fall back.
     "UNSLOTH_DISABLE_CPU_FALLBACK": "1",
     "WANDB_DISABLED": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 reports usage to its own server unless told (tracking=mlflow)
     # tokenizers warns (and may deadlock) when the Trainer forks dataloader workers after tokenizing.
     "TOKENIZERS_PARALLELISM": "false",
 }

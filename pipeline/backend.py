@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -146,6 +146,8 @@ def unsloth_peft_kwargs(targets, r: int, alpha: float, dropout: float, use_rslor
         "modules_to_save": list(targets.modules_to_save) or None,
         "bias": "none",
         "use_rslora": use_rslora,
+        "layers_to_transform": targets.layers,  # cpt.layers / sft.layers (None: all), as modules.lora_config
+        "layers_pattern": targets.layers_pattern,
         # "unsloth" (offloaded activations) is unsloth's memory saving, but with embed/lm_head in modules_to_save it
         # also offloads the frozen embeddings to os.path.join(temporary_location, config._name_or_path): with the
         # absolute local path that is the model directory itself (unsloth 2026.10.9, models/_utils.py offload_to_disk),
@@ -157,18 +159,60 @@ def unsloth_peft_kwargs(targets, r: int, alpha: float, dropout: float, use_rslor
 
 # --- the two stages' shared steps, per backend ----------------------------------------------------------------------
 
-def load_for_training(backend: str, path, model_cfg, dtype: torch.dtype, device: torch.device):
-    """The model a LoRA stage trains: 16-bit (moved to the device by the trainer), or 4-bit placed on the device."""
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_attn_implementation(name: Optional[str], device: torch.device, key: str) -> None:
+    """A stage's attn_implementation, checked before any model loads (transformers fails deep inside the load)."""
+    if name is None:
+        return
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise PipelineError(f"{key}={name!r}: use one of {', '.join(ATTN_IMPLEMENTATIONS)} (or null for the default)")
+    if name == "flash_attention_2":
+        if device.type != "cuda":
+            raise PipelineError(f"{key}=flash_attention_2 needs a CUDA GPU, but this run's device is {device}; use "
+                                f"sdpa or null")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise PipelineError(f"{key}=flash_attention_2: the flash-attn package is not installed "
+                                f"(pip install flash-attn), or use sdpa")
+
+
+def load_for_training(backend: str, path, model_cfg, dtype: torch.dtype, device: torch.device,
+                      attn_implementation: Optional[str] = None):
+    """The model a LoRA stage trains: 16-bit (moved to the device by the trainer), or 4-bit placed on the device.
+
+    `attn_implementation` applies to the plain path; unsloth uses its own attention kernels.
+    """
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
+        if attn_implementation:
+            log.info("attn_implementation=%s is not passed to unsloth, which uses its own attention kernels",
+                     attn_implementation)
         model, _ = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(
             path, model_cfg.max_seq_length, dtype, model_cfg.load_in_4bit, model_cfg.trust_remote_code))
         return model
     from .common import load_model
 
     return load_model(path, dtype, device if model_cfg.load_in_4bit else torch.device("cpu"),
-                      model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit)
+                      model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit,
+                      attn_implementation=attn_implementation)
+
+
+def keep_fp32_masters(model) -> int:
+    """Cast the trainable parameters that are in 16 bits to fp32; returns how many were cast.
+
+    With the model in bf16/fp16, PEFT keeps LoRA weights in fp32 but copies modules_to_save (embed_tokens, lm_head
+    trained in full) in the model's dtype: AdamW updates of size lr * 1 on weights of size ~1 would then round away
+    in bf16's 8-bit mantissa. The frozen base stays 16-bit; the Trainer's autocast (bf16/fp16 arguments) runs the
+    matmuls in 16 bits, so only the trained copies cost fp32 memory.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def add_lora(backend: str, model, targets, stage_cfg, seed: int, load_in_4bit: bool,
@@ -189,8 +233,15 @@ def add_lora(backend: str, model, targets, stage_cfg, seed: int, load_in_4bit: b
 
         # QLoRA's preparation: norms and the unquantized embedding/head in fp32, inputs that carry gradients.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, lora_config(targets, stage_cfg.r, stage_cfg.lora_alpha, stage_cfg.lora_dropout,
-                                             stage_cfg.use_rslora, trainable_tokens))
+    if getattr(stage_cfg, "gradient_checkpointing", False):
+        # With frozen embeddings the checkpointed blocks' inputs carry no gradient; the Trainer's non-reentrant
+        # checkpointing copes, and this makes any (reentrant) variant back-propagate into the LoRA weights too.
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(targets, stage_cfg.r, stage_cfg.lora_alpha, stage_cfg.lora_dropout,
+                                              stage_cfg.use_rslora, trainable_tokens))
+    if keep_fp32_masters(model):
+        log.info("trainable 16-bit parameters (fully trained embed/head copies) cast to fp32 master weights")
+    return model
 
 
 def for_inference(backend: str, model):

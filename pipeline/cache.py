@@ -10,7 +10,9 @@ holds the model settings the stage reads and a per-stage version constant (bump 
 it produces). Operational settings (device, logging, output paths, worker counts) never enter a key.
 
 A build happens under a file lock, into a temporary directory renamed into place after its completion marker is
-written (common.atomic_output): concurrent jobs wait for one builder, and an interrupted build is never reused.
+written (common.atomic_output): concurrent jobs wait for one builder, and an interrupted build is never reused as an
+output. CPT and SFT build in `<key>.build/` (common.resumable_output), whose trainer checkpoints the next build of
+the same key resumes from.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ log = logging.getLogger(__name__)
 
 # Bump a stage's version when its code changes what it produces: old entries then stop matching.
 # eval 2: Japanese-aware normalisation (kanji numerals, units, copula), transitions, general QA, held-out perplexity.
-STAGE_VERSIONS = {"cpt": 1, "merge": 1, "sft": 1, "eval": 2}
+# cpt 2: epochs are read one after another (each packing's blocks shuffled within it), no longer mixed.
+# merge 2: streamed from the base's safetensors. sft 2: prompt_format.json beside the adapter. eval 3: numbers
+# matched as whole numbers, one answer-cutting rule, summed judge log-probs, gain_kept/* metrics.
+STAGE_VERSIONS = {"cpt": 2, "merge": 2, "chat_vector": 1, "sft": 2, "eval": 3}
 LAST_USED = ".last_used"
 
 
@@ -139,7 +144,8 @@ def _last_used(entry: Path) -> float:
 def list_entries(root: Path) -> list:
     rows = []
     for stage, entry in _entries(root):
-        state = "complete" if (entry / COMPLETE_MARKER).is_file() else "partial (never reused)"
+        state = ("complete" if (entry / COMPLETE_MARKER).is_file() else "building or interrupted (resumed by the next "
+                 "build)" if entry.name.endswith(".build") else "partial (never reused)")
         rows.append({"stage": stage, "key": entry.name, "state": state, "MB": round(_size(entry) / 2**20, 1),
                      "days_unused": round((time.time() - _last_used(entry)) / 86400, 1)})
     return rows
@@ -151,13 +157,14 @@ def prune(root: Path, older_than_days: Optional[float] = None, stage: Optional[s
 
     A stage that a running job is *reading* is not locked: prune entries that no running sweep needs.
 
-    Leftovers of interrupted builds (`<key>.tmp-*`) are always deleted, unless a builder still holds the key's lock.
+    Leftovers of interrupted builds (`<key>.tmp-*`, and `<key>.build` with the checkpoints a re-run would resume
+    from) are always deleted, unless a builder still holds the key's lock.
     """
     from filelock import FileLock, Timeout
 
     removed = []
     for st, entry in list(_entries(root)):
-        key = entry.name.split(".tmp-")[0]
+        key = entry.name.split(".tmp-")[0].removesuffix(".build")
         partial = not (entry / COMPLETE_MARKER).is_file()
         if partial:
             try:

@@ -6,13 +6,58 @@ stable. Hydra composes YAML; `typed()` checks a composed section against its dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .common import PipelineError
+
+
+def key(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
+        le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[tuple] = None,
+        doc: str = "", runtime: bool = False, factory: Any = MISSING):
+    """A config field with its allowed range declared next to it (`check_ranges` enforces it before any model
+    loads). Bounds apply to numbers (None passes: "not set"), `choices` to strings. `runtime=True` marks a key that
+    changes only how a stage runs or reports (logging, batch size of scoring, check tolerances), never what it
+    produces: it stays out of the stage's cache key (`cache_settings`)."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+    meta.update(doc=doc, runtime=runtime)
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def cache_settings(section: Any) -> Dict[str, Any]:
+    """A stage's settings as they enter its cache key: every field except those declared `runtime`."""
+    return {f.name: (cache_settings(getattr(section, f.name)) if is_dataclass(getattr(section, f.name))
+                     else getattr(section, f.name))
+            for f in fields(section) if not f.metadata.get("runtime")}
+
+
+def check_ranges(obj: Any, prefix: str) -> None:
+    """Raise a PipelineError naming the first key of dataclass `obj` (and nested ones) outside its declared range."""
+    tests = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<="),
+             ("lt", lambda v, b: v < b, "<"))
+    for f in fields(obj):
+        value, name, m = getattr(obj, f.name), f"{prefix}.{f.name}", f.metadata
+        if is_dataclass(value):
+            check_ranges(value, name)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            for bound, ok, word in tests:  # NaN fails every comparison, so it is refused too
+                if bound in m and not ok(value, m[bound]):
+                    why = f" ({m['doc']})" if m.get("doc") else ""
+                    raise PipelineError(f"{name}={value}: must be {word} {m[bound]:g}{why}")
+        elif isinstance(value, str) and "choices" in m and value not in m["choices"]:
+            raise PipelineError(f"{name}={value!r}: use one of {', '.join(map(str, m['choices']))}")
+
+
+# The only model.path that may be missing: the demo builds its model there on first use (model=demo).
+DEMO_MODEL_PATH = "outputs/demo_base_model"
+# Its instruct sibling (the base trained further on the demo's chat data), built there on first use when a run has
+# the chat_vector stage (pipeline/demo_model.py --instruct).
+DEMO_INSTRUCT_PATH = "outputs/demo_instruct_model"
 
 
 @dataclass
@@ -24,22 +69,28 @@ class DemoBuildConfig:
     # Files whose *characters* (not words) the tokenizer must cover, as a real Japanese tokenizer covers every common
     # kanji; without this, each new name in the CPT corpus would be split into raw UTF-8 bytes.
     tokenizer_charset: List[str] = field(default_factory=lambda: ["data/cpt", "eval_sets"])
-    vocab_size: int = 4000  # byte-level BPE: Japanese needs merges, a tiny model needs a small embedding
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    num_epochs: float = 50.0
-    learning_rate: float = 3.0e-3
-    batch_size: int = 8
+    vocab_size: int = key(4000, ge=300)  # byte-level BPE: Japanese needs merges, a tiny model needs a small embedding
+    hidden_size: int = key(256, ge=8)
+    intermediate_size: int = key(768, ge=8)
+    num_layers: int = key(4, ge=1)
+    num_heads: int = key(4, ge=1)
+    num_epochs: float = key(50.0, gt=0)
+    learning_rate: float = key(3.0e-3, gt=0)
+    batch_size: int = key(8, ge=1)
     seed: int = 0
+    # The instruct sibling (model.instruct_path, for the chat_vector stage): the base trained further, in full, on
+    # these chat records with the chat template, loss on the answers; a few epochs teach the answer style.
+    instruct_data: str = "data/sft/chat.jsonl"
+    instruct_num_epochs: float = key(3.0, gt=0)
+    instruct_learning_rate: float = key(5.0e-4, gt=0)
 
 
 @dataclass
 class ModelConfig:
-    path: str = "outputs/demo_base_model"  # local Hugging Face checkpoint directory (never a hub name)
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on a GPU; also float32/bfloat16/float16
-    max_seq_length: int = 128  # CPT block length and SFT max length
+    path: str = DEMO_MODEL_PATH  # local Hugging Face checkpoint directory (never a hub name)
+    # auto = float32 on CPU, bfloat16 on a GPU; also float32/bfloat16/float16
+    dtype: str = key("auto", choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
+    max_seq_length: int = key(128, ge=2)  # CPT block length and SFT max length
     trust_remote_code: bool = False
     # Used for SFT and the SFT model's eval when the tokenizer has no chat template. {prompt} is the user turn.
     prompt_template: str = "質問: {prompt}\n回答:\n"
@@ -56,6 +107,9 @@ class ModelConfig:
     add_special_tokens: List[str] = field(default_factory=list)
     build_demo_if_missing: bool = False
     demo: DemoBuildConfig = field(default_factory=DemoBuildConfig)
+    # An instruct checkpoint of the same family as model.path (same architecture and shapes), for the chat_vector
+    # stage: it adds chat_vector.ratio x (instruct - base) to the CPT model (pipeline/chat_vector.py). null: none.
+    instruct_path: Optional[str] = DEMO_INSTRUCT_PATH
 
 
 @dataclass
@@ -71,59 +125,115 @@ class DataConfig:
     qa: DataPath = field(default_factory=DataPath)
     general_qa: DataPath = field(default_factory=DataPath)  # facts the base model knows: the price of CPT/SFT
     heldout: DataPath = field(default_factory=DataPath)  # untrained domain text (.jsonl `text` / .txt): perplexity
+    # Levers (docs/levers.md). Text replayed in SFT (sft.replay_ratio); null path: data.cpt.
+    replay: DataPath = field(default_factory=DataPath)
+    # Question-answer pairs mixed into CPT (cpt.qa_mix) and the SFT dev set (sft.early_stopping_patience): .jsonl
+    # like data.qa, and refused when they share a question (id or normalised text) with data.qa.
+    cpt_qa: DataPath = field(default_factory=DataPath)
+    dev_qa: DataPath = field(default_factory=DataPath)
 
 
 @dataclass
 class LoraStageConfig:
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
+    r: int = key(16, ge=1, doc="the LoRA rank")
+    lora_alpha: float = key(32.0, gt=0, doc="a negative alpha negates the adapter")
+    lora_dropout: float = key(0.0, ge=0, lt=1)
     target_modules: Any = "attn_mlp"  # a preset (attn, mlp, attn_mlp, attn_mlp_embed) or a list of module names
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    learning_rate: float = 1.0e-4
-    num_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_epochs
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    logging_steps: int = 10
+    learning_rate: float = key(1.0e-4, gt=0)
+    num_epochs: float = key(1.0, gt=0)
+    max_steps: int = key(-1, ge=-1)  # > 0 overrides num_epochs; -1: train num_epochs
+    batch_size: int = key(8, ge=1)
+    gradient_accumulation_steps: int = key(1, ge=1)
+    warmup_ratio: float = key(0.05, ge=0, lt=1)
+    weight_decay: float = key(0.0, ge=0)
+    lr_scheduler: str = key("cosine", choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                                               "warmup_stable_decay"))
+    # Decoder layers that get LoRA (PEFT layers_to_transform): null = all; [8, 9, 10, 11]; "12-23" (inclusive);
+    # "upper_half" / "lower_half". Checked against the model's num_hidden_layers (pipeline/modules.py).
+    layers: Any = key(None, doc="null, a list of layer indices, 'a-b', upper_half or lower_half")
+    logging_steps: int = key(10, ge=1, runtime=True)
+    # Recompute activations in the backward pass: far less memory for ~30% more time (plain path, non-reentrant;
+    # unsloth always uses its own). It does not change the result, so it stays out of the cache key.
+    gradient_checkpointing: bool = key(False, runtime=True)
+    # null: transformers' default for the model (sdpa where supported); eager, sdpa or flash_attention_2 (CUDA and
+    # the flash-attn package). The plain path only: unsloth uses its own kernels.
+    attn_implementation: Optional[str] = key(None, choices=("eager", "sdpa", "flash_attention_2"))
+    # A trainer checkpoint (adapter + optimizer state) every N optimizer steps, kept in the stage's build directory
+    # until the stage is published: a killed run resumes from the last one. 0: never.
+    save_steps: int = key(200, ge=0, runtime=True)
 
 
 @dataclass
 class CptConfig(LoraStageConfig):
+    # Defaults for a real 1-13B checkpoint (conf/cpt/default.yaml says why each value); the demo's own recipe is
+    # conf/recipe/demo.yaml.
+    r: int = key(128, ge=1, doc="the LoRA rank")
+    lora_alpha: float = key(32.0, gt=0, doc="a negative alpha negates the adapter")
+    use_rslora: bool = True
+    learning_rate: float = key(5.0e-5, gt=0)
+    batch_size: int = key(4, ge=1)
+    gradient_accumulation_steps: int = key(8, ge=1)
     # Learning rate of fully trained embed_tokens/lm_head (when target_modules includes them), as unsloth's
     # embedding_learning_rate: usually 2-10x below learning_rate, because every row moves on every step.
-    embedding_learning_rate: float = 1.0e-4
+    embedding_learning_rate: float = key(1.0e-5, gt=0)
+    # PIT-style: the share of the QA pairs in data.cpt_qa.path (seeded draw; 1 = all) added to the CPT corpus as
+    # documents written with qa_template. 0 = off.
+    qa_mix: float = key(0.0, ge=0, le=1, doc="share of data.cpt_qa.path's pairs mixed into CPT")
+    # How a mixed pair reads: by default the format base and CPT models are asked in (eval.completion_prompt).
+    qa_template: str = "質問: {question}\n答え: {answer}"
+    seed: Optional[int] = key(None, doc="null: the top-level seed")
 
 
 @dataclass
 class SftConfig(LoraStageConfig):
-    max_length: Optional[int] = None  # default: model.max_seq_length
+    # Defaults for a real 1-13B checkpoint (conf/sft/default.yaml says why each value).
+    batch_size: int = key(8, ge=1)
+    gradient_accumulation_steps: int = key(2, ge=1)
+    # null: the top-level seed. Set it (e.g. sweep sft.seed=1,2,3) to measure SFT noise on one cached CPT model.
+    seed: Optional[int] = key(None)
+    max_length: Optional[int] = key(None, ge=2)  # default: model.max_seq_length
+    # Levers that keep CPT knowledge (docs/levers.md), all off at 0.
+    # Replayed CPT text as a share of all trained tokens: replayed / (answer tokens + replayed).
+    replay_ratio: float = key(0.0, ge=0, lt=1, doc="replayed tokens / all trained tokens")
+    kl_weight: float = key(0.0, ge=0, doc="weight of KL(p_cpt || p_sft) per trained token")
+    l2_weight: float = key(0.0, ge=0, doc="weight of the summed squared LoRA updates")
+    # Stop after this many dev-set evaluations without a lower loss (needs data.dev_qa.path); 0 = off.
+    early_stopping_patience: int = key(0, ge=0)
+    eval_steps: int = key(10, ge=1, doc="optimizer steps between dev-set evaluations")
 
 
 @dataclass
 class MergeConfig:
     # Merged vs adapter model, both fp32. Allowed: max_abs_logit_diff + rel_logit_diff * max|logit|. Rounding grows
     # with the logits' size (correct demo merges: 9e-5 to 3.4e-4 at max|logit| 20); a broken merge is off by 1-30.
-    max_abs_logit_diff: float = 1.0e-4
-    rel_logit_diff: float = 1.0e-4
-    check_tokens: int = 128  # random token ids (plus a fixed text) fed to both models for the check
-    save_dtype: str = "auto"  # auto = the base checkpoint's dtype; or float32/bfloat16/float16
+    max_abs_logit_diff: float = key(1.0e-4, ge=0, runtime=True)
+    rel_logit_diff: float = key(1.0e-4, ge=0, runtime=True)
+    check_tokens: int = key(128, ge=1, runtime=True)  # random token ids (plus a fixed text) fed to both models
+    # auto = the base checkpoint's dtype; or float32/bfloat16/float16
+    save_dtype: str = key("auto", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass
 class EvalConfig:
     models: List[str] = field(default_factory=lambda: ["base", "cpt", "sft"])
-    # Base and CPT models are not instruction-tuned: they get a completion prompt, the answer is cut at the first
-    # `completion_stop`. The SFT model gets its chat template (or model.prompt_template).
+    # Base and CPT models are not instruction-tuned: they get a completion prompt; the SFT model gets the chat
+    # template (or prompt template) it was trained with. Every model's answer is cut at the first `completion_stop`
+    # after its first non-blank text (pipeline/eval.py); "" cuts nothing.
     completion_prompt: str = "質問: {question}\n答え: "
     completion_stop: str = "\n"
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    headline_metric: str = "contains"  # exact_match, contains, char_f1 or logprob
-    max_questions: Optional[int] = None  # evaluate only the first N questions (quick checks)
+    max_new_tokens: int = key(48, ge=1)
+    # batched and one-at-a-time greedy answers agree in fp32 (benchmarks/batched_eval.py): not part of the key
+    batch_size: int = key(16, ge=1, runtime=True)
+    headline_metric: str = key("contains", choices=("exact_match", "contains", "char_f1", "logprob"))
+    max_questions: Optional[int] = key(None, ge=1)  # evaluate only the first N questions (quick checks)
+    # gain_kept/<metric> = (SFT - base) / (CPT - base) is left empty when |CPT - base| is below these: over a gain of
+    # n questions the ratio moves in steps of 1/n, so over one question it can only say 0 or 1. 0.02 = 2 questions of
+    # a 100-question set.
+    min_gain: float = key(0.02, ge=0, doc="smallest |CPT - base| of a share metric for which gain_kept is reported")
+    # logprob is a mean per-token log-probability in nats: 0.1 = the gold answer's tokens 10% likelier on average.
+    min_logprob_gain: float = key(0.1, ge=0, doc="smallest |CPT - base| of logprob (nats) for gain_kept/logprob")
     # The SFT answers' expected shape, a regex matched against the whole stripped answer (e.g. ".{1,30}です。");
     # null: an answer is in format when it is non-empty, stopped by itself and not repetitive.
     expected_format: Optional[str] = None
@@ -132,13 +242,35 @@ class EvalConfig:
                          "回答は正解と同じ内容ですか？ はい か いいえ で答えてください。\n答え: ")
 
 
+@dataclass
+class ChatVectorConfig:
+    """The chat_vector stage (pipeline/chat_vector.py): CPT model + ratio x (model.instruct_path - model.path)."""
+
+    ratio: float = key(1.0, ge=0, doc="how much of the chat vector is added")
+    # Leave embed_tokens/lm_head as CPT trained them (the reference code's --skip_embed), e.g. when CPT trained
+    # the embeddings a lot or the vocabularies differ.
+    skip_embeddings: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (pipeline/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
+
+    backend: str = key("none", choices=("none", "mlflow"))  # none: metrics.json and the sweep files only
+    # A local store, no server: a relative sqlite path is taken from where the command runs (like every path here).
+    uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "keep-knowledge"  # the MLflow experiment every run and sweep is filed under
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
     "cpt": CptConfig,
     "merge": MergeConfig,
+    "chat_vector": ChatVectorConfig,
     "sft": SftConfig,
     "eval": EvalConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -146,13 +278,20 @@ def typed(cfg: DictConfig, section: str):
     """Return `cfg.<section>` as its dataclass, or raise a PipelineError that names the offending key."""
     schema = SECTIONS[section]
     # `???` in a YAML file means "you must set this"; merging it onto the dataclass would keep the default instead.
-    missing = sorted(k if k.startswith(f"{section}.") else f"{section}.{k}"
-                     for k in OmegaConf.missing_keys(cfg[section]))
+    node = cfg[section]
+    missing = sorted(k if k.startswith(f"{section}.") else f"{section}.{k}" for k in OmegaConf.missing_keys(node))
+    if missing and section == "data":
+        # A data path is needed only by the stages that read it (stages=[cpt,merge] needs no QA set): unset here,
+        # refused with the same words by whichever stage reads it (data.resolve_files).
+        node = OmegaConf.create(OmegaConf.to_container(node))
+        for k in missing:
+            OmegaConf.update(node, k[len("data."):], None)
+        missing = []
     if missing:
         raise PipelineError(f"config key {missing[0]}: Missing mandatory value; set it on the command line "
                             f"({missing[0]}=...)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg[section])
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
@@ -174,7 +313,7 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
         else:
             out[prefix] = node
 
-    for key in ("seed", "backend", "model", "data", "cpt", "merge", "sft", "eval"):
+    for key in ("seed", "backend", "model", "data", "cpt", "merge", "chat_vector", "sft", "eval"):
         if key in container:
             walk(key, container[key])
     out.pop("model.demo", None)

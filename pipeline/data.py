@@ -43,7 +43,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def resolve_files(spec: str | None, key: str, suffixes: tuple[str, ...]) -> List[Path]:
     """A file, a directory (searched recursively) or a glob pattern → sorted list of files with `suffixes`."""
     if not spec:
-        raise PipelineError(f"{key} is not set")
+        raise PipelineError(f"config key {key}: Missing mandatory value; set it on the command line ({key}=...) or in "
+                            f"your data config (conf/data/own.yaml)")
     p = Path(spec)
     if p.is_file():
         files = [p]

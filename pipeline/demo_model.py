@@ -1,6 +1,7 @@
 """Build the embedded demo base model: a byte-level BPE tokenizer and a tiny Llama, pretrained on the project's text.
 
     python -m pipeline.demo_model [OUT_DIR]        (the pipeline also runs this when model.path is missing)
+    python -m pipeline.demo_model --instruct [OUT_DIR]   its instruct sibling (model.instruct_path, chat_vector stage)
 
 The pretraining text (data/pretrain/) describes a *public* fictional world with the same kinds of facts and question
 formats as the confidential demo domain (data/cpt/), plus general knowledge. The base model therefore knows Japanese
@@ -23,6 +24,7 @@ from typing import List
 import torch
 
 from .common import PipelineError, atomic_output, training_arguments, write_json
+from .progress import CONSOLE, attach_progress
 from .config import DemoBuildConfig, LoraStageConfig
 
 log = logging.getLogger(__name__)
@@ -128,12 +130,14 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
     log.info("demo model: pretraining a %.1fM-parameter Llama on %d documents (%d tokens, vocab %d) for %g epochs",
              n_params / 1e6, len(docs), n_tokens, len(tok), cfg.num_epochs)
     stage = LoraStageConfig(learning_rate=cfg.learning_rate, num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                            warmup_ratio=0.05, weight_decay=0.01, lr_scheduler="cosine", logging_steps=25)
+                            warmup_ratio=0.05, weight_decay=0.01, lr_scheduler="cosine", logging_steps=25,
+                            save_steps=0)  # minutes of training, built in a temporary directory: no checkpoints
     with atomic_output(out_dir) as tmp:
         args = training_arguments(TrainingArguments, stage, tmp / "trainer", torch.device("cpu"), torch.float32,
                                   cfg.seed, num_train_epochs=cfg.num_epochs / passes)
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": blocks}),
                           data_collator=collate_blocks(tok.pad_token_id))
+        attach_progress(trainer, "demo model")  # console: a progress bar; the per-step dicts go to run.log
         result = trainer.train()
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -144,7 +148,7 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
                                              "train_loss": result.training_loss, "seconds": round(time.time() - t0, 1),
                                              "vocab_size": len(tok)})
     log.info("demo model saved to %s (%.0fs, final train loss %.3f)", out_dir, time.time() - t0,
-             result.training_loss)
+             result.training_loss, extra=CONSOLE)
     return out_dir
 
 
@@ -161,8 +165,79 @@ def ensure_demo_model(cfg: DemoBuildConfig, path: str | Path, max_seq_length: in
     return path
 
 
+def build_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, out_dir: str | Path,
+                              max_seq_length: int = 256) -> Path:
+    """The demo base model's instruct sibling: the base trained further, in full, on `cfg.instruct_data` (the demo's
+    chat records) with its chat template, loss on the answers (TRL SFTTrainer).
+
+    It plays the role a real family's -instruct checkpoint plays for the chat_vector stage: the same architecture
+    and tokenizer as the base, plus what chat training changed. Full fine-tuning, not LoRA, as instruct models are
+    made; seeded, CPU, fp32.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from .cache import fingerprint_model
+    from .common import load_tokenizer
+    from .data import load_sft_records
+    from .prompts import to_prompt_completion
+
+    out_dir, t0 = Path(out_dir), time.time()
+    tok = load_tokenizer(base_dir)
+    rows = [to_prompt_completion(m, tok, "{prompt}")
+            for m in load_sft_records(cfg.instruct_data, key="model.demo.instruct_data")]
+    set_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
+    stage = LoraStageConfig(learning_rate=cfg.instruct_learning_rate, num_epochs=cfg.instruct_num_epochs,
+                            batch_size=16, gradient_accumulation_steps=1, warmup_ratio=0.05, weight_decay=0.0,
+                            lr_scheduler="cosine", logging_steps=25, save_steps=0)
+    with atomic_output(out_dir) as tmp:
+        args = training_arguments(SFTConfig, stage, tmp / "trainer", torch.device("cpu"), torch.float32, cfg.seed,
+                                  max_length=max_seq_length, packing=False, completion_only_loss=True,
+                                  dataset_num_proc=None, gradient_checkpointing=False, save_strategy="no")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        attach_progress(trainer, "demo instruct model")
+        result = trainer.train()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "demo_build.json", {"instruct_of": str(base_dir), "base_fingerprint":
+                                             fingerprint_model(base_dir), "records": len(rows),
+                                             "train_loss": result.training_loss,
+                                             "seconds": round(time.time() - t0, 1)})
+    log.info("demo instruct model saved to %s (%.0fs, %d chat records, train loss %.3f)", out_dir, time.time() - t0,
+             len(rows), result.training_loss)
+    return out_dir
+
+
+def ensure_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, path: str | Path,
+                               max_seq_length: int) -> Path:
+    """Build the instruct sibling of the demo model at `base_dir` unless it is at `path`, built from that same base
+    (a rebuilt base makes the old sibling's difference meaningless: it is rebuilt too)."""
+    import json
+
+    from filelock import FileLock
+
+    from .cache import fingerprint_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        info = path / "demo_build.json"
+        if info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("base_fingerprint") != \
+                fingerprint_model(base_dir):
+            log.info("model.instruct_path=%s was built from another demo base model: rebuilding it", path)
+            shutil.rmtree(path)
+        if not (path / "config.json").is_file():
+            log.info("model.instruct_path=%s does not exist: building the demo instruct model (once)", path)
+            build_demo_instruct_model(cfg, base_dir, path, max_seq_length)
+    return path
+
+
 def main(argv: List[str]) -> None:
-    """Build the demo model as conf/model/demo.yaml describes it (optionally at another path)."""
+    """Build the demo model as conf/model/demo.yaml describes it (optionally at another path); with --instruct,
+    its instruct sibling (the base model is built first if needed)."""
     from hydra import compose, initialize_config_dir
 
     from .config import typed
@@ -171,7 +246,14 @@ def main(argv: List[str]) -> None:
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         model_cfg = typed(compose("config", overrides=["model=demo"]), "model")
-    ensure_demo_model(model_cfg.demo, argv[0] if argv else model_cfg.path, model_cfg.max_seq_length)
+    instruct = "--instruct" in argv
+    argv = [a for a in argv if a != "--instruct"]
+    if instruct:
+        base = ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
+        ensure_demo_instruct_model(model_cfg.demo, base, argv[0] if argv else model_cfg.instruct_path,
+                                   model_cfg.max_seq_length)
+    else:
+        ensure_demo_model(model_cfg.demo, argv[0] if argv else model_cfg.path, model_cfg.max_seq_length)
 
 
 if __name__ == "__main__":

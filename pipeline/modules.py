@@ -4,6 +4,10 @@ Presets: attn (q,k,v,o), mlp (gate,up,down), attn_mlp, attn_mlp_embed (attn_mlp 
 seed's CPT setting). Embedding and output layers are never given LoRA: like unsloth, they go to `modules_to_save` and
 are trained in full. With tied embeddings only the input embedding is saved and PEFT re-ties the head to it
 (`ensure_weight_tying`); LoRA on a tied embed/lm_head merges wrongly (both deltas land in the one shared tensor).
+
+`layers` (cpt.layers / sft.layers) restricts LoRA to some decoder layers (PEFT `layers_to_transform`): null = all,
+a list of indices [8, 9, 10, 11], a range "12-23" (inclusive), or "upper_half" / "lower_half". Embedding copies
+(modules_to_save) are not layers and are unaffected.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Targets:
     modules_to_save: List[str]  # trained in full (embeddings / head)
     tied: bool  # the model shares one tensor between input embeddings and the head
     ensure_weight_tying: bool  # ask PEFT to keep the head tied to the trained embedding copy
+    layers: Optional[List[int]] = None  # decoder layers that get LoRA (None: all); set by `resolve_layers`
+    layers_pattern: Optional[str] = None  # the name of the ModuleList that holds them, e.g. "layers"
 
     @property
     def trains_embeddings(self) -> bool:
@@ -123,6 +129,70 @@ def resolve_targets(spec: Any, model: nn.Module, override: Optional[Dict[str, An
     return Targets(lora=lora, modules_to_save=save, tied=tied, ensure_weight_tying=tied and bool(save))
 
 
+def decoder_layers(model: nn.Module) -> tuple:
+    """(name of the ModuleList holding the decoder layers, their number), e.g. ("layers", 32) for Llama.
+
+    The list is found by its length (config num_hidden_layers), so any architecture whose blocks sit in one
+    ModuleList works; PEFT needs the name to read a layer index off module names that hold more than one number
+    (MoE experts: "layers.3.mlp.experts.5.up_proj" is layer 3).
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and n and len(module) == n and name:
+            return name.rsplit(".", 1)[-1], n
+    raise PipelineError(f"cannot find this {model.config.model_type} model's decoder layers (a ModuleList of "
+                        f"num_hidden_layers={n} blocks): cpt.layers / sft.layers need them; leave them null")
+
+
+def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
+    """`layers` setting → (sorted layer indices or None for all, the ModuleList name PEFT matches them in).
+
+    null: all layers. A list of indices; a range string "a-b" (inclusive); "upper_half" (the last n//2 layers: in
+    "Spurious Forgetting" (arXiv 2501.13453) the drop after training on a new task came from updates to the bottom
+    layers, and freezing them kept the earlier task; adapting only the upper layers leaves the lower ones as CPT left
+    them) or "lower_half" (the first n - n//2). Indices are checked against the model's num_hidden_layers.
+    """
+    if spec is None:
+        return None, None
+    pattern, n = decoder_layers(model)
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "upper_half":
+            layers = list(range(n - n // 2, n))
+        elif text == "lower_half":
+            layers = list(range(0, n - n // 2))
+        elif "-" in text and all(part.strip().isdigit() for part in text.split("-", 1)):
+            lo, hi = (int(part) for part in text.split("-", 1))
+            if lo > hi:
+                raise PipelineError(f"{key}={spec!r}: the range's start is above its end")
+            layers = list(range(lo, hi + 1))
+        else:
+            raise PipelineError(f"{key}={spec!r}: use null (all layers), a list of indices, a range like \"12-23\", "
+                                f"upper_half or lower_half")
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        layers = [spec]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):
+        layers = list(spec)
+    else:
+        raise PipelineError(f"{key}={spec!r}: use null (all layers), a list of integer indices, a range like "
+                            f"\"12-23\", upper_half or lower_half")
+    if not layers:
+        raise PipelineError(f"{key}: no layer selected (null means all layers)")
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise PipelineError(f"{key}: layer index {bad[0]} is out of range; this model has num_hidden_layers={n} "
+                            f"(indices 0-{n - 1})")
+    return sorted(set(layers)), pattern
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """The factor LoRA's update B@A is multiplied by: alpha/r, or alpha/sqrt(r) with rsLoRA (arXiv 2312.03732).
+
+    Recorded as cpt/lora_scale and sft/lora_scale: alpha alone is not comparable across ranks or between the two."""
+    return alpha / (r ** 0.5 if use_rslora else r)
+
+
 def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
     """The architecture without weights (meta device): validates module names in milliseconds, even for 13B."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -145,6 +215,8 @@ def lora_config(targets: Targets, r: int, alpha: float, dropout: float, use_rslo
         trainable_token_indices=trainable_tokens or None,
         ensure_weight_tying=targets.ensure_weight_tying,
         use_rslora=use_rslora,
+        layers_to_transform=list(targets.layers) if targets.layers is not None else None,
+        layers_pattern=targets.layers_pattern if targets.layers is not None else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -17,7 +17,6 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -28,20 +27,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .backend import activate, resolve_backend, unsloth_blockers
-from .cache import StageCache, fingerprint_files, fingerprint_model, stage_key
+from .backend import activate, check_attn_implementation, resolve_backend, unsloth_blockers
+from .cache import StageCache, fingerprint_model, stage_key
 from .common import (PipelineError, check_4bit_support, check_model_dir, declared_tied, is_complete, is_prequantized,
-                     load_tokenizer, resolve_device, resolve_dtype, write_json)
-from .config import EvalConfig, MergeConfig, flat_config, typed
-from .data import CPT_SUFFIXES, resolve_files
+                     load_tokenizer, log_examples, resolve_device, resolve_dtype, write_json)
+from .config import DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges, flat_config, typed
 from .eval import TRANSITIONS
-from .sft import chat_template_text
+from .progress import CONSOLE, route_library_logs
+from .prompts import chat_template_text
+from .tracking import check as check_tracking, log_run
 
 log = logging.getLogger("pipeline.run")
 
-STAGES = ("cpt", "merge", "sft", "eval")
+STAGES = ("cpt", "merge", "chat_vector", "sft", "eval")
 # What each stage consumes, and the inputs.* key that supplies it when the producing stage is not run.
-NEEDS = {"merge": "cpt_adapter", "sft": "cpt_model"}
+NEEDS = {"merge": "cpt_adapter", "chat_vector": "cpt_model", "sft": "cpt_model"}
+PRODUCERS = {"cpt_adapter": "cpt", "cpt_model": "merge"}  # chat_vector is optional between merge and sft
 
 
 def _quiet_libraries() -> None:
@@ -59,6 +60,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-load "Loading weights" bars; training progress stays
     datasets.disable_progress_bars()
+    route_library_logs()  # their messages into run.log, not onto the console (pipeline/progress.py)
 
 
 def _stage_list(cfg: DictConfig) -> list:
@@ -85,14 +87,30 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 
 
 def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
-    """Check every input the requested stages will read, so bad input fails before minutes of training."""
+    """Check every input the requested stages will read, so bad input fails before minutes of training.
+
+    Order: the config itself (types and the ranges declared in pipeline/config.py), the model directory, every data
+    file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
     from .data import load_cpt_documents, load_qa, load_sft_records
-    from .modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_targets
+    from .chat_vector import check_instruct
+    from .mixing import check_lever_inputs
+    from .modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_layers, resolve_targets
     from .scoring import HEADLINE_METRICS
 
-    model_cfg, data_cfg, ev = typed(cfg, "model"), typed(cfg, "data"), typed(cfg, "eval")
-    for s in ("cpt", "merge", "sft"):
-        typed(cfg, s)
+    sections = {name: typed(cfg, name) for name in SECTIONS}
+    for name, section in sections.items():
+        check_ranges(section, name)
+    check_tracking(cfg)  # tracking=mlflow: installed, and a local store
+    model_cfg, data_cfg, ev = sections["model"], sections["data"], sections["eval"]
+    for name in ("cpt", "sft"):
+        if sections[name].max_steps == 0:
+            raise PipelineError(f"{name}.max_steps=0: use -1 (train {name}.num_epochs) or a positive step count")
+    check_output_dir(cfg)
+    check_model_path(model_cfg)
+    for name in ("cpt", "sft"):
+        if name in stages:
+            check_attn_implementation(sections[name].attn_implementation, resolve_device(str(cfg.device)),
+                                      f"{name}.attn_implementation")
     if "cpt" in stages:
         load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
     if "sft" in stages:
@@ -117,7 +135,7 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         if bad:
             raise PipelineError(f"eval.models: unknown model(s) {bad}; use base, cpt, sft")
         has_cpt = "merge" in stages or cfg.inputs.get("cpt_model")
-        has_sft = "sft" in stages or cfg.inputs.get("sft_adapter")
+        has_sft = "sft" in stages or cfg.inputs.get("sft_adapter") or "chat_vector" in stages  # the final chat model
         available = {"base"} | ({"cpt"} if has_cpt else set()) | ({"sft"} if has_cpt and has_sft else set())
         if not set(ev.models) & available:
             raise PipelineError(f"eval.models={list(ev.models)}: none of these models is available in this run "
@@ -129,14 +147,24 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         if cfg.inputs.get(key):
             _require(cfg.inputs.get(key), key, "eval")
     for stage, key in NEEDS.items():
-        if stage in stages and STAGES[STAGES.index(stage) - 1] not in stages:
+        if stage in stages and PRODUCERS[key] not in stages:
             _require(cfg.inputs.get(key), key, stage)
+    check_lever_inputs(sections, stages)  # replay text, QA pairs for CPT, SFT dev set (docs/levers.md)
+    if "chat_vector" in stages and not _demo_builds_instruct(model_cfg):
+        check_instruct(model_cfg)
     if "sft" in stages or "eval" in stages:
         chat_template_text(model_cfg.chat_template)  # a missing .jinja file is an error, not a template
     if model_cfg.load_in_4bit and ("cpt" in stages or "sft" in stages):
         check_4bit_support(resolve_device(str(cfg.device)))
-    if not (model_cfg.build_demo_if_missing and not Path(model_cfg.path).exists()):
-        check_model_dir(model_cfg.path)
+    if Path(model_cfg.path).exists():
+        config = check_model_dir(model_cfg.path)
+        positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+            "max_position_embeddings")
+        lengths = {"model.max_seq_length": model_cfg.max_seq_length, "sft.max_length": sections["sft"].max_length}
+        for k, v in lengths.items():
+            if isinstance(positions, int) and v and v > positions:
+                raise PipelineError(f"{k}={v}: longer than the model's {positions} positions "
+                                    f"(max_position_embeddings in {model_cfg.path}/config.json)")
         meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
         if model_cfg.tied_embeddings is not None and is_tied(meta) != model_cfg.tied_embeddings:
             raise PipelineError(f"model.tied_embeddings={str(model_cfg.tied_embeddings).lower()} but the checkpoint "
@@ -146,6 +174,9 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             raise PipelineError(f"model.path={model_cfg.path}: a pre-quantized checkpoint; the merge needs the 16-bit "
                                 f"weights (point model.path at the 16-bit model; model.load_in_4bit=true trains in "
                                 f"4-bit)")
+        for name in ("cpt", "sft"):  # cpt.layers / sft.layers against num_hidden_layers
+            if name in stages:
+                resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
         if "cpt" in stages:
             resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
             add_tokens(load_tokenizer(model_cfg.path, model_cfg.trust_remote_code), model_cfg.add_special_tokens,
@@ -160,29 +191,53 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
                                     f"backend=hf")
 
 
-def _settings(section) -> dict:
-    """A stage's settings as they enter its cache key: without those that change only how it runs or reports."""
-    d = asdict(section)
-    d.pop("logging_steps", None)
-    if isinstance(section, MergeConfig):  # the check's tolerances decide pass/fail, not the merged weights
-        for k in ("max_abs_logit_diff", "rel_logit_diff", "check_tokens"):
-            d.pop(k, None)
-    if isinstance(section, EvalConfig):
-        d.pop("batch_size", None)  # batched and one-at-a-time greedy answers agree in fp32 (benchmarks/batched_eval.py)
-    return d
+def check_model_path(model_cfg) -> None:
+    """model.path must exist, except the demo model's own path, which the demo builds on first use. Anything else
+    that is missing is a typo: never build a toy model there and train it as if it were the user's checkpoint."""
+    path, is_demo_path = Path(model_cfg.path), Path(model_cfg.path).resolve() == Path(DEMO_MODEL_PATH).resolve()
+    if model_cfg.build_demo_if_missing and not is_demo_path:
+        raise PipelineError(f"model.path={model_cfg.path}: model=demo (the default model config) is the embedded "
+                            f"demo, built only at {DEMO_MODEL_PATH}; for your checkpoint pick its family config, "
+                            f"e.g. model=llm_jp_3 model.path=... (conf/model/)")
+    if not path.exists() and not (model_cfg.build_demo_if_missing and is_demo_path):
+        raise PipelineError(f"model.path={model_cfg.path}: no such directory (expected a local Hugging Face "
+                            f"checkpoint)")
 
 
-def _optional_fingerprint(spec: Optional[str], key: str, suffixes: tuple) -> Optional[str]:
-    return fingerprint_files(resolve_files(spec, key, suffixes)) if spec else None
+def _demo_builds_instruct(model_cfg) -> bool:
+    """The demo's instruct sibling is built on first use (at its own path only), after validation."""
+    return bool(model_cfg.build_demo_if_missing and model_cfg.instruct_path
+                and Path(model_cfg.instruct_path).resolve() == Path(DEMO_INSTRUCT_PATH).resolve()
+                and not Path(model_cfg.instruct_path).exists())
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """The stage cache (or, without it, the run directory) must be writable before hours of training go into it."""
+    import tempfile
+
+    target = Path(cfg.cache.dir) if cfg.cache.enabled else None
+    key = "cache.dir"
+    if target is None:
+        return
+    probe = target
+    while not probe.exists():  # the nearest existing ancestor decides whether the directory can be created
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise PipelineError(f"{key}={cfg.cache.dir}: not writable ({e.strerror or e}); set {key} to a writable "
+                            f"directory") from None
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
-    from . import cpt, merge, sft
+    from . import chat_vector, cpt, merge, sft
     from . import eval as evaluation
-    from .demo_model import ensure_demo_model
+    from .demo_model import ensure_demo_instruct_model, ensure_demo_model
 
     seed, device = int(cfg.seed), str(cfg.device)
+    log_examples(bool(cfg.get("log_examples", False)))
     stages = _stage_list(cfg)
     # Before any Hugging Face import: unsloth patches transformers, PEFT and TRL when it is imported first. So what
     # unsloth cannot train is judged from the config and config.json alone here, and against the model in validate.
@@ -200,6 +255,9 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     data_cfg = typed(cfg, "data")
     if model_cfg.build_demo_if_missing:
         ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
+        if "chat_vector" in stages and _demo_builds_instruct(model_cfg):
+            ensure_demo_instruct_model(model_cfg.demo, model_cfg.path, model_cfg.instruct_path,
+                                       model_cfg.max_seq_length)
         validate(cfg, stages, backend)  # now the target modules can be checked against the built model
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
@@ -212,17 +270,21 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         key = stage_key(name, material)
         log.info("== stage %s (key %s) ==", name, key)
         t0 = time.time()
-        if cache.enabled:
-            out, reused = cache.get_or_build(name, key, build, material)
-            target = run_dir / link
-            if target.is_symlink():
-                target.unlink()
-            target.symlink_to(out, target_is_directory=True)
-        else:
-            out, reused = Path(build(run_dir / link)), False
+        try:
+            if cache.enabled:
+                out, reused = cache.get_or_build(name, key, build, material)
+                target = run_dir / link
+                if target.is_symlink():
+                    target.unlink()
+                target.symlink_to(out, target_is_directory=True)
+            else:
+                out, reused = Path(build(run_dir / link)), False
+        except BaseException as e:
+            raise stage_failure(name, e) from e
         record.update({f"time/{name}": round(time.time() - t0, 2), f"stage/{name}": "reused" if reused else "built",
                        f"key/{name}": key})
-        log.info("== stage %s %s in %.1fs: %s", name, "REUSED" if reused else "built", time.time() - t0, out)
+        log.info("== stage %s %s in %.1fs: %s", name, "REUSED" if reused else "built", time.time() - t0, out,
+                 extra=CONSOLE)
         return str(out)
 
     def identity(stage: str, key: str) -> str:
@@ -240,40 +302,48 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
 
     if "cpt" in stages:
         c = typed(cfg, "cpt")
-        material = {**model_settings, "cpt": _settings(c), "seed": seed, "text_field": data_cfg.cpt.text_field,
-                    "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES))}
+        cpt_seed = seed if c.seed is None else c.seed
+        material = {**model_settings, **cpt.key_material(c, data_cfg, cpt_seed)}
         paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", material, lambda out: cpt.train_cpt(
-            c, model_cfg, data_cfg.cpt, seed, out, device, backend))
+            c, model_cfg, data_cfg.cpt, cpt_seed, out, device, backend, qa_pairs=data_cfg.cpt_qa.path,
+            scored_qa=data_cfg.qa.path))
     if "merge" in stages:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
-        material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": _settings(m)}
+        material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": cache_settings(m)}
         paths["cpt_model"] = run_stage("merge", "cpt_model", material, lambda out: merge.merge_adapter(
             m, model_cfg, adapter, out, device))
+    if "chat_vector" in stages:
+        cv, cpt_model = typed(cfg, "chat_vector"), _require(paths["cpt_model"], "cpt_model", "chat_vector")
+        material = {**template, **chat_vector.key_material(cv, model_cfg), "base": base_id,
+                    "cpt_model": identity("merge", "cpt_model")}
+        paths["cv_model"] = run_stage("chat_vector", "cv_model", material, lambda out: chat_vector.apply_chat_vector(
+            cv, model_cfg, cpt_model, out, device))
     if "sft" in stages:
         s_cfg, cpt_model = typed(cfg, "sft"), _require(paths["cpt_model"], "cpt_model", "sft")
-        material = {**model_settings, **template, "cpt_model": identity("merge", "cpt_model"),
-                    "sft": _settings(s_cfg), "seed": seed,
-                    "data": fingerprint_files(resolve_files(data_cfg.sft.path, "data.sft.path", (".jsonl",)))}
+        replay = data_cfg.replay if data_cfg.replay.path else data_cfg.cpt  # sft.replay_ratio's text
+        sft_seed = seed if s_cfg.seed is None else s_cfg.seed
+        material = {**model_settings, **template, **sft.key_material(s_cfg, data_cfg, sft_seed),
+                    "cpt_model": identity("merge", "cpt_model"),
+                    "chat_vector": record.get("key/chat_vector")}  # SFT on the CPT model + chat vector
         paths["sft_adapter"] = run_stage("sft", "sft_adapter", material, lambda out: sft.train_sft(
-            s_cfg, model_cfg, data_cfg.sft, cpt_model, seed, out, device, backend))
+            s_cfg, model_cfg, data_cfg.sft, paths.get("cv_model") or cpt_model, sft_seed, out, device, backend,
+            replay=replay, dev_qa=data_cfg.dev_qa.path, scored_qa=data_cfg.qa.path))
     if "eval" in stages:
         ev = typed(cfg, "eval")
         models = {"base": (model_cfg.path, None)}
         if paths["cpt_model"]:
             models["cpt"] = (paths["cpt_model"], None)
-            if paths["sft_adapter"]:
-                models["sft"] = (paths["cpt_model"], paths["sft_adapter"])
+            if paths["sft_adapter"] or paths.get("cv_model"):  # the final chat model: SFT and/or chat vector
+                models["sft"] = (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])
         models = {k: v for k, v in models.items() if k in ev.models}
-        material = {**model_settings, **template, "eval": _settings(ev), "models": sorted(models),
+        material = {**model_settings, **template, **evaluation.key_material(ev, data_cfg), "models": sorted(models),
                     "cpt_model": identity("merge", "cpt_model") if {"cpt", "sft"} & set(models) else None,
-                    "sft_adapter": identity("sft", "sft_adapter") if "sft" in models else None,
-                    "qa": fingerprint_files(resolve_files(data_cfg.qa.path, "data.qa.path", (".jsonl",))),
-                    "general_qa": _optional_fingerprint(data_cfg.general_qa.path, "data.general_qa.path", (".jsonl",)),
-                    "heldout": _optional_fingerprint(data_cfg.heldout.path, "data.heldout.path", CPT_SUFFIXES),
-                    "judge": fingerprint_model(ev.judge_path) if ev.judge_path else None}
+                    "sft_adapter": identity("sft", "sft_adapter") if "sft" in models and paths["sft_adapter"]
+                    else None,
+                    "chat_vector": record.get("key/chat_vector")}
         eval_dir = Path(run_stage("eval", "eval", material, lambda out: evaluation.evaluate(
             ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path,
-            backend)))
+            backend, heldout_text_field=data_cfg.heldout.text_field)))
         for name in ("answers.jsonl", "lost_questions.jsonl"):
             shutil.copyfile(eval_dir / name, run_dir / name)
         metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
@@ -281,12 +351,54 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         metrics = {}
     metrics.update(record)
     metrics.update(merge_metrics(paths["cpt_model"]))
+    metrics.update(lever_metrics(paths))
     metrics.update({k: v for k, v in paths.items() if v})
     metrics.update(flat_config(cfg))
     write_json(run_dir / "metrics.json", metrics)
+    log_run(cfg, run_dir, metrics)  # tracking=mlflow: this run (a sweep's job: a child run) into the local store
     if "eval" in stages:
         print(format_table(metrics))
     return metrics
+
+
+def stage_failure(stage: str, error: BaseException) -> BaseException:
+    """The one line a user needs for the failures that are not bugs: out of memory (what to lower) and a full disk
+    (where). Anything else is returned unchanged (a PipelineError already is one line)."""
+    import errno
+
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+        section = stage if stage in ("cpt", "sft") else "eval" if stage == "eval" else "model"
+        if section in ("cpt", "sft"):
+            hint = (f"lower {section}.batch_size (raise {section}.gradient_accumulation_steps to keep the step size), "
+                    f"set {section}.gradient_checkpointing=true, lower model.max_seq_length or set "
+                    f"model.load_in_4bit=true (conf/hardware/ has presets)")
+        elif section == "eval":
+            hint = "lower eval.batch_size"
+        else:
+            hint = "run the merge on a machine with more memory (it holds one model at a time)"
+        return PipelineError(f"stage {stage}: out of memory ({str(error).strip().splitlines()[0][:160]}); {hint}")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return PipelineError(f"stage {stage}: disk full while writing {error.filename or 'its output'}; nothing was "
+                             f"published; free space or set cache.dir to a larger disk")
+    return error
+
+
+def lever_metrics(paths: Dict[str, Optional[str]]) -> Dict:
+    """What the retention levers did (docs/levers.md), from the stages' stats files: each stage's LoRA scale (alpha/r,
+    alpha/sqrt(r) with rsLoRA), SFT's trained answer and replayed tokens, the chat vector's ratio."""
+    out: Dict[str, object] = {}
+    for stage, key, fname, names in (
+            ("cpt", "cpt_adapter", "cpt_stats.json", ("lora_scale",)),
+            ("sft", "sft_adapter", "sft_stats.json", ("lora_scale", "answer_tokens", "replay_tokens", "replay_share",
+                                                      "best_eval_loss", "steps")),
+            ("chat_vector", "cv_model", "chat_vector.json", ("ratio", "tensors_added"))):
+        f = Path(paths[key]) / fname if paths.get(key) else None
+        if f and f.is_file():
+            stats = json.loads(f.read_text(encoding="utf-8"))
+            out.update({f"{stage}/{n}": stats[n] for n in names if stats.get(n) is not None})
+    return out
 
 
 def merge_metrics(cpt_model: Optional[str]) -> Dict:
@@ -303,7 +415,7 @@ def merge_metrics(cpt_model: Optional[str]) -> Dict:
 
 
 def format_table(metrics: Dict) -> str:
-    """The compact end-of-run table: one row per evaluated model, then gain and retention."""
+    """The compact end-of-run table: one row per evaluated model, a gain_kept row, then the headline."""
     import pandas as pd
 
     cols = ["exact_match", "contains", "char_f1", "logprob", "eos_rate"]
@@ -315,11 +427,19 @@ def format_table(metrics: Dict) -> str:
     for col in ("general_contains", "heldout_ppl", "judge"):  # present only when configured
         if any(f"{k}/{col}" in metrics for k in rows):
             table[col] = [metrics.get(f"{k}/{col}") for k in rows]
+    kept = [c for c in table.columns if f"gain_kept/{c}" in metrics]
+    if kept:  # (SFT - base) / (CPT - base) under each metric it is defined for
+        table.loc["gain_kept"] = [metrics.get(f"gain_kept/{c}") for c in table.columns]
 
     def fmt(v):
         return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) else str(v)
 
     text = table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
+    if kept:
+        text += ("\n\ngain_kept = (sft - base) / (cpt - base): the share of what CPT changed that survives SFT; "
+                 "'-' where |cpt - base| is below its threshold:")
+        text += "".join(f"\n  {c}: {metrics[f'gain_kept_reason/{c}']}" for c in kept
+                        if metrics.get(f"gain_kept_reason/{c}"))
     if "transitions/learned_lost" in metrics:
         text += "\n\nper question (contains): " + ", ".join(
             f"{t} {metrics[f'transitions/{t}']}" for t in TRANSITIONS)
@@ -329,27 +449,53 @@ def format_table(metrics: Dict) -> str:
         per_group = pd.DataFrame({g: {k: metrics.get(f"{k}/{h}@{g}") for k in rows} for g in groups})
         text += f"\n\n{h} by question group:\n" + per_group.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-")
     return (f"\n{text}\n\nheadline {h}: knowledge_gain (cpt - base) {fmt(metrics.get('knowledge_gain'))}, "
-            f"retention (sft / cpt) {fmt(metrics.get('retention'))}; logprob gain {fmt(metrics.get('logprob_gain'))}"
-            f", share of it kept after SFT {fmt(metrics.get('logprob_gain_kept'))}\n")
+            f"gain_kept {fmt(metrics.get(f'gain_kept/{h}'))}\n")
+
+
+def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> int:
+    """Run the pipeline; a failure becomes one line on stderr and in error.txt (the sweep table lists it). Returns
+    the exit status: 0, 2 for bad input or a stage failure with a known cause (PipelineError), 1 otherwise."""
+    try:
+        run_pipeline(cfg, run_dir)
+        log.info("run directory: %s", run_dir, extra=CONSOLE)
+        return 0
+    except BaseException as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, KeyboardInterrupt) or cfg.get("debug") and not multirun:
+            raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):  # a stage's bar left open: the error gets its own line
+            bar.close()
+        if isinstance(e, PipelineError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not multirun:
+            raise
+        # A bug or an unexpected failure in one cell: the traceback goes to run.log, the other cells still run and
+        # the sweep's table lists this one as failed (the sweep exits 1 at the end).
+        log.exception("job failed")
+        print(f"error: {type(e).__name__}: {first_line} (traceback in {run_dir}/run.log)", file=sys.stderr)
+        return 1
+    finally:
+        if multirun:  # the next cell runs in this process: give back what a failed one held on the GPU
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[float]:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        metrics = run_pipeline(cfg, run_dir)
-    except BaseException as e:
-        # The sweep table reports failed jobs with this one line (python -m pipeline.aggregate SWEEP_DIR).
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
-        if not isinstance(e, PipelineError) or cfg.get("debug"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None  # the other cells still run; the sweep's table lists this one as failed and exits 1
-        sys.exit(2)
-    log.info("run directory: %s", run_dir)
-    return metrics.get("retention")
+def main(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
+    if status and not multirun:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

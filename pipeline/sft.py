@@ -6,7 +6,12 @@ Every record becomes a prompt/completion pair: the prompt is everything up to th
 the tokenizer's chat template (or model.prompt_template when it has none), the completion is the last assistant
 turn. TRL then trains on completion tokens only, EOS included, so the model learns to stop. Rendering here instead of
 TRL's `assistant_only_loss` works with any chat template (that option needs {% generation %} markers, which few
-templates have). No packing: TRL's padding-free packing is only correct with FlashAttention (FIELD_NOTES).
+templates have). No packing: TRL's padding-free packing is only correct with FlashAttention's variable-length
+kernels (as for CPT, pipeline/cpt.py).
+
+Levers that keep what CPT taught (docs/levers.md), all off by default: sft.replay_ratio (CPT text in the batches,
+pipeline/mixing.py), sft.layers (LoRA in some layers only), sft.kl_weight / sft.l2_weight (loss terms,
+pipeline/retention.py) and sft.early_stopping_patience (a domain dev set, data.dev_qa.path).
 """
 
 from __future__ import annotations
@@ -17,70 +22,18 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .common import (PipelineError, atomic_output, count_4bit_linears, count_trainable, final_loss, load_tokenizer,
-                     loss_summary, resolve_device, resolve_dtype, training_arguments, write_json)
-from .config import DataPath, ModelConfig, SftConfig
-from .data import load_sft_records
-from .backend import add_lora, load_for_training
-from .modules import add_tokens, embedding_rows, resolve_targets, token_training
+from .common import (PipelineError, count_4bit_linears, count_trainable, example, final_loss, load_tokenizer,
+                     loss_summary,
+                     resolve_device, resolve_dtype, resumable_output, train_stage, training_arguments, write_json)
+from .config import DataConfig, DataPath, ModelConfig, SftConfig, cache_settings
+from .progress import attach_progress, loss_history
+from .data import load_cpt_documents, load_sft_records
+from .backend import add_lora, check_attn_implementation, load_for_training
+from .mixing import load_disjoint_qa, replay_records, replay_token_target, trained_tokens
+from .modules import add_tokens, embedding_rows, lora_scale, resolve_layers, resolve_targets, token_training
+from .prompts import apply_chat_template_override, to_prompt_completion, write_prompt_format
 
 log = logging.getLogger(__name__)
-
-
-def chat_template_text(spec: Optional[str]) -> Optional[str]:
-    """model.chat_template: a path ending in .jinja (must exist) or the Jinja template itself."""
-    if spec and spec.endswith(".jinja"):
-        if not Path(spec).is_file():
-            raise PipelineError(f"model.chat_template={spec}: no such .jinja file")
-        return Path(spec).read_text(encoding="utf-8")
-    return spec
-
-
-def apply_chat_template_override(tokenizer, model_cfg: ModelConfig) -> None:
-    """model.chat_template replaces the tokenizer's own template."""
-    text = chat_template_text(model_cfg.chat_template)
-    if text:
-        tokenizer.chat_template = text
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def render_prompt(messages: List[dict], tokenizer, prompt_template: str) -> str:
-    """The text the model sees before it answers: chat template with generation prompt, or the prompt template."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The tokenizer adds BOS itself when encoding; a template that also writes it would double it.
-        if tokenizer.bos_token and _adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
-            text = text[len(tokenizer.bos_token):]
-        return text
-    parts, history = [], []
-    for m in messages:
-        if m["role"] == "assistant":
-            parts.append(prompt_template.format(prompt="\n".join(history)) + m["content"] + "\n\n")
-            history = []
-        else:
-            history.append(m["content"])
-    return "".join(parts) + prompt_template.format(prompt="\n".join(history))
-
-
-def to_prompt_completion(messages: List[dict], tokenizer, prompt_template: str) -> dict:
-    prompt = render_prompt(messages[:-1], tokenizer, prompt_template)
-    answer = messages[-1]["content"]
-    if not tokenizer.chat_template:
-        return {"prompt": prompt, "completion": answer}  # TRL appends EOS
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if tokenizer.bos_token and _adds_bos(tokenizer) and full.startswith(tokenizer.bos_token):
-        full = full[len(tokenizer.bos_token):]
-    if not full.startswith(prompt):
-        raise PipelineError("the chat template renders a conversation's prompt differently on its own and inside the "
-                            "full conversation; set model.chat_template to a template without that quirk")
-    completion = full[len(prompt):]
-    if completion.rstrip().endswith(tokenizer.eos_token):
-        completion = completion.rstrip()  # TRL appends EOS unless the completion already ends with it
-    return {"prompt": prompt, "completion": completion}
 
 
 def _expose_head_bias(model) -> None:
@@ -92,9 +45,90 @@ def _expose_head_bias(model) -> None:
         head.bias = getattr(head.original_module, "bias", None)
 
 
+def _step_of(checkpoint: Optional[str]) -> Optional[int]:
+    """The step number of a Trainer checkpoint directory (checkpoint-<step>), None without one."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+# --- levers that keep CPT knowledge (docs/levers.md): replay, dev-set early stopping; KL/L2 in retention.py -------
+
+def _answer_tokens(rows: List[dict], tok, max_length: int) -> int:
+    """The answer tokens TRL will train in `rows` (completion + EOS, after truncation to max_length), estimated
+    before the trainer tokenizes them; the exact count is read off the trainer's dataset afterwards."""
+    n = 0
+    for r in rows:
+        prompt = len(tok(r["prompt"])["input_ids"])
+        full = len(tok(r["prompt"] + r["completion"])["input_ids"]) + (not r["completion"].endswith(tok.eos_token))
+        n += max(0, min(full, max_length) - prompt)
+    return n
+
+
+def _replay_rows(cfg: SftConfig, rows: List[dict], tok, max_length: int, replay: Optional[DataPath],
+                 seed: int) -> List[dict]:
+    """sft.replay_ratio: CPT text records (prompt "", loss on every token) holding replay_ratio of all trained
+    tokens, drawn (seeded) from data.replay.path, or from data.cpt.path when that is null."""
+    if not cfg.replay_ratio:
+        return []
+    if replay is None or not replay.path:
+        raise PipelineError(f"sft.replay_ratio={cfg.replay_ratio:g}: no text to replay; set data.replay.path (or "
+                            f"data.cpt.path, its default)")
+    target = replay_token_target(_answer_tokens(rows, tok, max_length), cfg.replay_ratio)
+    docs = load_cpt_documents(replay.path, replay.text_field, key="data.replay.path")
+    extra = replay_records(docs, tok, target, max_length - 2, seed)  # - 2: BOS and EOS
+    log.info("SFT replay: %d records of text from %s (%d tokens planned, sft.replay_ratio=%g)", len(extra),
+             replay.path, target, cfg.replay_ratio)
+    return extra
+
+
+def _dev_rows(dev_qa: Optional[str], scored_qa: Optional[str], tok, prompt_template: str) -> List[dict]:
+    """The SFT dev set (data.dev_qa.path): domain questions with their gold answers, asked as SFT asks, never one of
+    the scored questions (data.qa.path)."""
+    if not dev_qa:
+        raise PipelineError("sft.early_stopping_patience: needs a dev set, data.dev_qa.path (domain questions kept "
+                            "out of data.qa.path)")
+    items = load_disjoint_qa(dev_qa, "data.dev_qa.path", scored_qa)
+    return [to_prompt_completion([{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer}],
+                                 tok, prompt_template) for q in items]
+
+
+def _early_stopping(cfg: SftConfig) -> tuple:
+    """(extra SFTConfig arguments, callbacks) for sft.early_stopping_patience: evaluate the loss on the dev set's
+    gold answers every sft.eval_steps, stop after `patience` evaluations without improvement, and end on the best
+    checkpoint (transformers' EarlyStoppingCallback + load_best_model_at_end)."""
+    if not cfg.early_stopping_patience:
+        return {}, []
+    from transformers import EarlyStoppingCallback
+
+    args = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "save_strategy": "steps",
+            "save_steps": cfg.eval_steps, "save_total_limit": 1, "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss", "greater_is_better": False,
+            "per_device_eval_batch_size": cfg.batch_size}
+    return args, [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
+
+
+def key_material(cfg: SftConfig, data_cfg: DataConfig, seed: int) -> dict:
+    """What the SFT adapter depends on besides the model it trains on (run.py adds that and the model settings): the
+    settings, the seed, and every file train_sft reads — the SFT set, the replayed text (sft.replay_ratio) and the
+    dev set (sft.early_stopping_patience)."""
+    from .cache import fingerprint_files
+    from .data import CPT_SUFFIXES, resolve_files
+
+    replay = data_cfg.replay if data_cfg.replay.path else data_cfg.cpt
+    return {"sft": cache_settings(cfg), "seed": seed,
+            "data": fingerprint_files(resolve_files(data_cfg.sft.path, "data.sft.path", (".jsonl",))),
+            "replay": [fingerprint_files(resolve_files(replay.path, "data.replay.path", CPT_SUFFIXES)),
+                       replay.text_field] if cfg.replay_ratio else None,
+            "dev_qa": fingerprint_files(resolve_files(data_cfg.dev_qa.path, "data.dev_qa.path", (".jsonl",)))
+            if cfg.early_stopping_patience and data_cfg.dev_qa.path else None}
+
+
 def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_model_dir: str | Path, seed: int,
-              out_dir: str | Path, device: str = "auto", backend: str = "hf") -> Path:
-    """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer."""
+              out_dir: str | Path, device: str = "auto", backend: str = "hf", replay: Optional[DataPath] = None,
+              dev_qa: Optional[str] = None, scored_qa: Optional[str] = None) -> Path:
+    """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer.
+
+    `replay`: where sft.replay_ratio draws its text; `dev_qa`: the dev set of sft.early_stopping_patience;
+    `scored_qa`: the scored QA set, which the dev set must not overlap."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -102,12 +136,13 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
+    check_attn_implementation(cfg.attn_implementation, dev, "sft.attn_implementation")
     records = load_sft_records(data_cfg.path, key="data.sft.path")
     tok = load_tokenizer(cpt_model_dir, model_cfg.trust_remote_code)
     apply_chat_template_override(tok, model_cfg)
     rows = [to_prompt_completion(m, tok, model_cfg.prompt_template) for m in records]
-    log.info("SFT data: %d records, formatted with %s; example prompt: %r", len(rows),
-             "the chat template" if tok.chat_template else "model.prompt_template", rows[0]["prompt"][:80])
+    log.info("SFT data: %d records, formatted with %s; example prompt: %s", len(rows),
+             "the chat template" if tok.chat_template else "model.prompt_template", example(rows[0]["prompt"]))
     max_length = cfg.max_length or model_cfg.max_seq_length
     # A prompt that fills max_length leaves no answer token to learn from; TRL drops such records silently.
     too_long = sum(len(tok(r["prompt"])["input_ids"]) >= max_length for r in rows)
@@ -117,9 +152,12 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
     if too_long:
         log.warning("SFT data: %d of %d prompts are %d tokens or longer and teach nothing (raise sft.max_length)",
                     too_long, len(rows), max_length)
+    n_sft = len(rows)
+    rows += _replay_rows(cfg, rows, tok, max_length, replay, seed)
+    dev_rows = _dev_rows(dev_qa, scored_qa, tok, model_cfg.prompt_template) if cfg.early_stopping_patience else []
 
     set_seed(seed)
-    model = load_for_training(backend, cpt_model_dir, model_cfg, dtype, dev)
+    model = load_for_training(backend, cpt_model_dir, model_cfg, dtype, dev, cfg.attn_implementation)
     # Tokens are added at CPT; here they must already have rows. Their rows train again (a chat template's markers
     # are learned in SFT, where they first carry meaning).
     if add_tokens(tok, model_cfg.add_special_tokens, embedding_rows(model), f"CPT model {cpt_model_dir}"):
@@ -127,6 +165,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
                             f"model's vocabulary ({cpt_model_dir}); tokens are added by the CPT stage: run cpt and "
                             f"merge with this setting")
     targets = resolve_targets(cfg.target_modules, model, model_cfg.modules, key="sft.target_modules")
+    targets.layers, targets.layers_pattern = resolve_layers(cfg.layers, model, key="sft.layers")
     token_ids = tok.convert_tokens_to_ids(list(model_cfg.add_special_tokens))
     tokens = token_training(token_ids, targets, model, model_cfg.modules)
     model = add_lora(backend, model, targets, cfg, seed, model_cfg.load_in_4bit, tokens)
@@ -137,29 +176,51 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
              ",".join(targets.modules_to_save) or "-", ",".join(tokens) if tokens else "-", trainable, total,
              "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "", backend)
 
-    with atomic_output(out_dir) as tmp:
+    stop_args, callbacks = _early_stopping(cfg)
+    with resumable_output(out_dir) as tmp:  # checkpoints survive a crash; a re-run resumes
         args = training_arguments(
-            SFTConfig, cfg, tmp / "trainer", dev, dtype, seed,
+            SFTConfig, cfg, tmp / "trainer", dev, dtype, seed, backend,
             max_length=max_length,
             packing=False,
             completion_only_loss=True,
             dataset_num_proc=None,
-            gradient_checkpointing=False,  # TRL defaults to True; tiny LoRA runs do not need it
+            **stop_args,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        trainer_cls, lever_kwargs = SFTTrainer, {}
+        if cfg.kl_weight or cfg.l2_weight:
+            from .retention import RetentionSFTTrainer
+
+            trainer_cls, lever_kwargs = RetentionSFTTrainer, {"kl_weight": cfg.kl_weight, "l2_weight": cfg.l2_weight}
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                              eval_dataset=Dataset.from_list(dev_rows) if dev_rows else None, callbacks=callbacks,
+                              **lever_kwargs)
+        attach_progress(trainer, "sft")  # console: a progress bar; the per-step dicts go to run.log
+        answer_tokens, replay_tokens = trained_tokens(trainer.train_dataset, lambda row: row["prompt"] == "")
+        log.info("SFT trained tokens per epoch: %d answer tokens, %d replayed CPT-text tokens (%.1f%%)", answer_tokens,
+                 replay_tokens, 100 * replay_tokens / max(1, answer_tokens + replay_tokens))
         t0 = time.time()
-        result = trainer.train()
+        result, _ = train_stage(trainer, "sft")  # resumes a killed build; stops on a nan/inf loss
         seconds = time.time() - t0
         log.info("SFT done: %d steps in %.1fs, %s", result.global_step, seconds,
                  loss_summary(trainer, result.training_loss))
+        # sft.early_stopping_patience: the dev loss of the adapter as saved, i.e. of the best checkpoint, reloaded
+        dev_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_prompt_format(tmp, tok, model_cfg.prompt_template)  # eval asks the SFT model the same way
         write_json(tmp / "sft_stats.json", {
-            "records": len(rows), "steps": result.global_step, "train_loss": result.training_loss,
-            "final_loss": final_loss(trainer, result.training_loss), "seconds": round(seconds, 2),
+            "records": n_sft, "steps": result.global_step, "train_loss": result.training_loss,
+            "final_loss": final_loss(trainer, result.training_loss), "loss_history": loss_history(trainer),
+            "seconds": round(seconds, 2),
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
             "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
+            # the levers (docs/levers.md); run.py copies lora_scale and the token counts into metrics.json
+            "lora_scale": lora_scale(cfg.lora_alpha, cfg.r, cfg.use_rslora), "layers": targets.layers,
+            "answer_tokens": answer_tokens, "replay_records": len(rows) - n_sft, "replay_tokens": replay_tokens,
+            "replay_share": replay_tokens / max(1, answer_tokens + replay_tokens),
+            "best_eval_loss": trainer.state.best_metric, "dev_loss": dev_loss,
+            "best_checkpoint_step": _step_of(trainer.state.best_model_checkpoint),
         })
     return out_dir

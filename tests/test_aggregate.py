@@ -1,4 +1,5 @@
-"""One results table per sweep: a 2x2 grid end to end, and aggregation of a sweep with a failed job."""
+"""One results table per sweep: a 2x2 grid end to end, aggregation of a sweep with a failed job, and the statistics
+(gain_kept with its threshold, intervals, paired differences) on small fake sweeps whose numbers are known by hand."""
 
 import json
 import shutil
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_overrides
-from pipeline.aggregate import aggregate, main as aggregate_main
+from pipeline.aggregate import main as aggregate_main
 from test_cli import run_cli
 
 
@@ -27,16 +28,26 @@ def test_grid_writes_the_sweep_files(grid):
     df = pd.read_csv(sweep / "results.csv")
     assert list(df["row"]) == ["base", "cpt", "sft", "sft", "sft", "sft"]  # one CPT setting: one CPT reference row
     jobs = df[df["row"] == "sft"]
-    assert {"sft.lora_alpha", "sft.target_modules", "contains", "retention", "logprob_gain_kept"} <= set(df.columns)
+    assert {"sft.lora_alpha", "sft.target_modules", "contains", "gain_kept/contains", "gain_kept/logprob",
+            "gain_kept_reason/contains", "eval.min_gain", "eval.min_logprob_gain"} <= set(df.columns)
     assert sorted(zip(jobs["sft.lora_alpha"], jobs["sft.target_modules"])) == [
         (8, "attn"), (8, "attn_mlp"), (32, "attn"), (32, "attn_mlp")]
     assert list(jobs["stage/cpt"]).count("built") == 1  # the CPT stage was trained once for the four cells
-    ret = pd.to_numeric(jobs["retention"], errors="coerce").fillna(-1).tolist()
-    assert ret == sorted(ret, reverse=True)
+    score = jobs["contains"].tolist()  # the SFT model's score on the injected facts (the headline metric)
+    assert score == sorted(score, reverse=True)
     md = (sweep / "results.md").read_text()
-    assert "| row" in md and "sft.lora_alpha" in md
-    for metric in ("retention", "sft_contains", "logprob_gain_kept"):
+    assert "| row" in md and "sft.lora_alpha" in md and "## Columns" in md
+    assert "- `gain_kept/logprob`: (SFT − base) ÷ (CPT − base) of logprob" in md
+    for metric in ("gain_kept_contains", "sft_contains", "gain_kept_logprob"):
         assert (sweep / f"heatmap_{metric}.png").stat().st_size > 1000
+    # every SFT adapter records the prompt format it was trained with, for eval
+    fmt = json.loads((sweep / "0" / "sft_adapter" / "prompt_format.json").read_text())
+    assert fmt["chat_template"] and fmt["prompt_template"] == "質問: {prompt}\n回答:\n"
+    # every cell against the first one (job 0), over the same 3 questions
+    diffs = pd.read_csv(sweep / "differences.csv")
+    assert len(diffs) == 3 * 2 and set(diffs["n_questions"]) == {3}
+    assert "## Best vs baseline" in md
+    assert (sweep / "differences.png").stat().st_size > 1000  # the same as a forest plot, also in report.html
     sheet = (sweep / "answers.md").read_text()
     assert sheet.count("## q") == 3 and sheet.count("| sft (sft.lora_alpha=") == 3 * 4
     assert "| base |" in sheet and "gold: **880トン** (also: 880t)" in sheet
@@ -80,25 +91,190 @@ def test_a_failing_cell_does_not_stop_the_sweep(tiny_model, data_files, tmp_path
 def test_cells_with_one_seed_get_question_intervals(grid):
     sweep, _ = grid
     cells = pd.read_csv(sweep / "cells.csv")
-    assert len(cells) == 4 and set(cells["interval_over"]) == {"questions"}
-    assert (cells["logprob_gain_kept ci_low"] <= cells["logprob_gain_kept"]).all()
-    assert (cells["logprob_gain_kept"] <= cells["logprob_gain_kept ci_high"]).all()
-    assert "## Per grid cell: mean and 95% bootstrap interval" in (sweep / "results.md").read_text()
+    assert len(cells) == 4 and all(cells["interval"].str.startswith("paired bootstrap over 3 questions"))
+    defined = cells["sft/contains ci_low"].notna()
+    assert (cells.loc[defined, "sft/contains ci_low"] <= cells.loc[defined, "sft/contains"]).all()
+    assert (cells.loc[defined, "sft/contains"] <= cells.loc[defined, "sft/contains ci_high"]).all()
+    assert "## Per grid cell: value and 95% interval" in (sweep / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ fake sweeps: numbers known by hand
+
+def fake_job(sweep, job, overrides, scores, ids=None, min_gain=0.02):
+    """A finished job: overrides.yaml, answers.jsonl and metrics.json computed by eval.summarize from per-question
+    `scores` ({model: {"contains": [...], "logprob": [...]}}; exact_match and char_f1 copy contains)."""
+    from pipeline.eval import summarize
+
+    d = sweep / str(job)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    n = len(scores["base"]["contains"])
+    ids = ids or [f"q{i}" for i in range(n)]
+    per_model = {model: [{"answer": "a", "exact_match": c, "contains": c, "char_f1": c,
+                          "logprob": s.get("logprob", [-1.0] * n)[i], "ended_with_eos": True, "repetitive": False,
+                          "in_format": True} for i, c in enumerate(s["contains"])] for model, s in scores.items()}
+    metrics = summarize(per_model, "contains", min_gain=min_gain, min_logprob_gain=0.1)
+    metrics.update({"eval.min_gain": min_gain, "eval.min_logprob_gain": 0.1, "seed": overrides.get("seed", 42),
+                    "key/merge": "cpt-model-1"})
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "answers.jsonl").write_text("".join(
+        json.dumps({"id": q, "question": f"{q}?", "gold": "x", "aliases": [], "group": None,
+                    **{m: per_model[m][i] for m in per_model}}, ensure_ascii=False) + "\n" for i, q in enumerate(ids)))
+    return d
+
+
+BASE = [0, 0, 1, 0]
+CPT = [1, 1, 1, 0]
+
+
+def test_gain_kept_interval_is_paired_over_questions(tmp_path):
+    """SFT answers exactly what CPT answered: gain_kept is 1 on every draw that resamples the questions for all three
+    models at once (resampling each model on its own would give a wide interval)."""
+    from pipeline.aggregate import cells_table, read_jobs
+
+    n = 20
+    base, cpt = [0] * n, [1, 0] * (n // 2)
+    fake_job(tmp_path, 0, {"sft.lora_alpha": 8}, {"base": {"contains": base}, "cpt": {"contains": cpt},
+                                                   "sft": {"contains": list(cpt)}})
+    cells, _ = cells_table(read_jobs(tmp_path), ["sft.lora_alpha"])
+    row = cells.iloc[0]
+    assert row["gain_kept/contains"] == 1.0
+    assert (row["gain_kept/contains ci_low"], row["gain_kept/contains ci_high"]) == (1.0, 1.0)
+    assert row["gain_kept/contains undefined"] == 0  # P(no taught question drawn) = 0.5^20
+    # sft/contains: 0.5 ± 1.96 · √(0.25 / 20) = [0.28, 0.72] by the normal approximation, on a 0.05 grid
+    assert 0.25 <= row["sft/contains ci_low"] <= 0.35 and 0.65 <= row["sft/contains ci_high"] <= 0.75
+    # gain_kept of logprob: CPT - base = 0, undefined
+    assert pd.isna(row["gain_kept/logprob"]) and row["gain_kept/logprob note"] == "undefined on the full data"
+
+
+def test_undefined_draws_are_counted_not_dropped(tmp_path):
+    """4 questions, CPT taught 2: gain_kept = (0.5 - 0.25) / (0.75 - 0.25) = 0.5 (metrics.json too). A draw without
+    either taught question has CPT - base = 0: that happens with probability (2/4)^4 = 6.25%, more than the 2.5% a
+    95% interval can absorb, so the interval is reported as undefined, with the count."""
+    from pipeline.aggregate import MAX_UNDEFINED, N_RESAMPLES, cells_table, read_jobs
+
+    d = fake_job(tmp_path, 0, {"sft.lora_alpha": 8}, {"base": {"contains": BASE}, "cpt": {"contains": CPT},
+                                                       "sft": {"contains": [1, 0, 1, 0]}})
+    assert json.loads((d / "metrics.json").read_text())["gain_kept/contains"] == 0.5
+    cells, _ = cells_table(read_jobs(tmp_path), ["sft.lora_alpha"])
+    row = cells.iloc[0]
+    assert row["gain_kept/contains"] == 0.5
+    undefined = row["gain_kept/contains undefined"]
+    assert undefined == pytest.approx(0.0625 * N_RESAMPLES, rel=0.1) and undefined > MAX_UNDEFINED * N_RESAMPLES
+    assert pd.isna(row["gain_kept/contains ci_low"]) and "interval undefined" in row["gain_kept/contains note"]
+
+
+def test_gain_kept_below_the_threshold_in_the_table(tmp_path):
+    """CPT gained 1 question of 4 (0.25) but the sweep asked for eval.min_gain 0.3: no ratio, and the reason."""
+    from pipeline.aggregate import aggregate
+
+    fake_job(tmp_path, 0, {"sft.lora_alpha": 8}, {"base": {"contains": BASE}, "cpt": {"contains": [1, 0, 1, 0]},
+                                                   "sft": {"contains": [1, 0, 1, 0]}}, min_gain=0.3)
+    aggregate(tmp_path)
+    df = pd.read_csv(tmp_path / "results.csv")
+    sft = df[df["row"] == "sft"].iloc[0]
+    assert pd.isna(sft["gain_kept/contains"])
+    assert sft["gain_kept_reason/contains"] == "|CPT - base| = 0.25 < eval.min_gain 0.3"
+    assert sft["eval.min_gain"] == 0.3
+    md = (tmp_path / "results.md").read_text()
+    assert "- gain_kept/contains: |CPT - base| = 0.25 < eval.min_gain 0.3 (job 0)" in md
+    cells = pd.read_csv(tmp_path / "cells.csv")  # the interval's statistic follows the same threshold
+    assert pd.isna(cells["gain_kept/contains"].iloc[0])
+    assert cells["gain_kept/contains note"].iloc[0] == "undefined on the full data"
 
 
 def test_cells_over_seeds_by_hand(tmp_path):
-    from pipeline.aggregate import bootstrap_ci, cells_table
+    from pipeline.aggregate import cells_table
 
     jobs = [{"job": str(i), "dir": tmp_path, "status": "ok", "error": None,
              "overrides": {"sft.lora_alpha": 8, "seed": seed},
-             "metrics": {"sft/contains": v, "retention": v * 2, "logprob_gain_kept": 0.5, "cpt/contains": 0.5}}
+             "metrics": {"headline_metric": "contains", "sft/contains": v, "gain_kept/contains": v * 2,
+                         "gain_kept/logprob": 0.5, "cpt/contains": 0.5,
+                         "gain_kept/exact_match": None if seed == 2 else 0.1}}
             for i, (seed, v) in enumerate([(1, 0.1), (2, 0.2), (3, 0.3)])]
     df, cell_keys = cells_table(jobs, ["sft.lora_alpha", "seed"])
     assert cell_keys == ["sft.lora_alpha"] and len(df) == 1
     row = df.iloc[0]
-    assert row["n_seeds"] == 3 and row["interval_over"] == "seeds"
-    assert row["sft/contains"] == pytest.approx(0.2) and row["retention"] == pytest.approx(0.4)
-    lo, hi = row["sft/contains 95% CI"]
-    assert 0.1 <= lo <= 0.2 <= hi <= 0.3  # resampled means of {0.1, 0.2, 0.3} stay within their range
-    assert row["logprob_gain_kept 95% CI"] == (0.5, 0.5)  # a constant has a zero-width interval
-    assert bootstrap_ci(4, lambda i: 1.0) == (1.0, 1.0)
+    assert row["n_seeds"] == 3 and row["interval"] == "t over 3 seeds" and row["seeds"] == "1,2,3"
+    assert row["sft/contains"] == pytest.approx(0.2) and row["gain_kept/contains"] == pytest.approx(0.4)
+    # mean 0.2, sd 0.1: 0.2 ± t(0.975, 2) · 0.1 / √3 = 0.2 ± 4.302653 · 0.057735
+    assert row["sft/contains ci_low"] == pytest.approx(0.2 - 0.248414, abs=1e-6)
+    assert row["sft/contains ci_high"] == pytest.approx(0.2 + 0.248414, abs=1e-6)
+    assert row["sft/contains per_seed"] == "0.100, 0.200, 0.300"
+    assert (row["gain_kept/logprob ci_low"], row["gain_kept/logprob ci_high"]) == (0.5, 0.5)
+    # one seed's value undefined: the cell's is too (not the mean of the other two), and the table says why
+    assert pd.isna(row["gain_kept/exact_match"]) and row["gain_kept/exact_match note"] == "undefined for 1 of 3 seeds"
+
+
+def two_cells(tmp_path, seeds=(1, 2), shuffle_b=False):
+    """Cells A (sft.lora_alpha=32) and B (=8) on the same CPT model and questions, one job per seed."""
+    from pipeline.aggregate import read_jobs
+
+    sft_a = {1: [1, 1, 0, 0], 2: [1, 0, 0, 0]}
+    job = 0
+    for alpha in (8, 32):
+        for seed in seeds:
+            sft = sft_a.get(seed, [1, 1, 0, 0]) if alpha == 32 else [1, 0, 0, 0]
+            scores = {"base": {"contains": BASE}, "cpt": {"contains": CPT}, "sft": {"contains": sft}}
+            ids = None
+            if shuffle_b and alpha == 8:  # the same questions in another order: paired by id, not by line
+                order = [3, 2, 1, 0]
+                scores = {m: {"contains": [s["contains"][i] for i in order]} for m, s in scores.items()}
+                ids = [f"q{i}" for i in order]
+            fake_job(tmp_path, job, {"sft.lora_alpha": alpha, "seed": seed}, scores, ids)
+            job += 1
+    jobs = read_jobs(tmp_path)
+    return [j for j in jobs if j["overrides"]["sft.lora_alpha"] == 32], [j for j in jobs
+                                                                          if j["overrides"]["sft.lora_alpha"] == 8]
+
+
+@pytest.mark.parametrize("shuffle_b", [False, True])
+def test_paired_difference_by_hand(tmp_path, shuffle_b):
+    """Per seed, A - B in sft/contains: seed 1 +0.25 (question q1), seed 2 0; mean +0.125. With 2 seeds only the
+    questions are resampled: the per-question difference averaged over seeds is [0, 0.5, 0, 0], so a draw of 4
+    questions is 0.125 × (times q1 is drawn), Binomial(4, 1/4): 0 with 31.6%, at most 2 with 94.9%, at most 3 with
+    99.6%; the 2.5% and 97.5% quantiles are 0 and 3 × 0.125."""
+    from pipeline.aggregate import paired_difference
+
+    a, b = two_cells(tmp_path, shuffle_b=shuffle_b)
+    d = paired_difference(a, b, "sft/contains")
+    assert d["a"] == pytest.approx(0.375) and d["b"] == 0.25 and d["difference"] == pytest.approx(0.125)
+    assert (d["ci_low"], d["ci_high"]) == (0.0, pytest.approx(0.375))
+    assert d["n_questions"] == 4 and d["seeds"] == "1,2" and d["resampled"] == "questions (seeds fixed)"
+    # gain_kept on the same CPT model (gain 0.5): A - B = mean over seeds of (sft_A - sft_B) / 0.5 = 0.25
+    g = paired_difference(a, b, "gain_kept/contains")
+    assert g["difference"] == pytest.approx(0.25) and g["undefined"] > 0  # draws without q0/q1: counted
+    assert paired_difference(b, b, "sft/contains")["difference"] == 0.0
+
+
+def test_paired_difference_resamples_seeds_from_five_on(tmp_path):
+    from pipeline.aggregate import paired_difference
+
+    a, b = two_cells(tmp_path, seeds=(1, 2, 3, 4, 5))  # A: seed 1 [1,1,0,0], seed 2 [1,0,0,0], 3-5 [1,1,0,0]
+    d = paired_difference(a, b, "sft/contains")
+    assert d["resampled"] == "seeds and questions" and d["difference"] == pytest.approx(0.25 * 4 / 5)
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"]
+
+
+def test_differences_against_a_chosen_baseline(tmp_path, capsys):
+    from pipeline.aggregate import parse_cell_spec
+
+    two_cells(tmp_path)
+    assert aggregate_main([str(tmp_path)]) == 0  # default baseline: the first cell (job 0: sft.lora_alpha=8)
+    diffs = pd.read_csv(tmp_path / "differences.csv")
+    assert list(diffs["sft.lora_alpha"]) == [32, 32] and list(diffs["metric"]) == ["sft/contains",
+                                                                                   "gain_kept/contains"]
+    assert diffs["difference"].iloc[0] == pytest.approx(0.125)
+    results = pd.read_csv(tmp_path / "results.csv")
+    sft = results[results["row"] == "sft"]  # sorted by sft/contains: job 2 (0.5) first, then the 0.25s
+    assert list(sft["job"])[0] == 2 and list(sft["contains"]) == sorted(sft["contains"], reverse=True)
+    md = (tmp_path / "results.md").read_text()
+    assert "Baseline: sft.lora_alpha=8 (the sweep's first cell, job 0;" in md and "Best: " in md
+    assert "| sft/contains | 0.375 | 0.250 | +0.125 | [+0.000, +0.375] |" in md
+    assert aggregate_main([str(tmp_path), "--baseline", "sft.lora_alpha=32"]) == 0
+    diffs = pd.read_csv(tmp_path / "differences.csv")
+    assert list(diffs["sft.lora_alpha"]) == [8, 8] and diffs["difference"].iloc[0] == pytest.approx(-0.125)
+    assert aggregate_main([str(tmp_path), "--baseline", "sft.lora_alpha=64"]) == 2
+    assert "--baseline 'sft.lora_alpha=64' matches 0 evaluated cells" in capsys.readouterr().err
+    assert parse_cell_spec("sft.lora_alpha=8,sft.target_modules=[q_proj,v_proj]") == {
+        "sft.lora_alpha": 8, "sft.target_modules": "[q_proj,v_proj]"}

@@ -80,30 +80,41 @@ def test_racing_processes_build_once(tmp_path):
     assert len(log_path.read_text().splitlines()) == 1
 
 
-def test_killed_build_is_never_reused(tiny_model, data_files, tmp_path):
+def test_killed_build_resumes_and_prune_cleans_leftovers(tiny_model, data_files, tmp_path):
     cache = tmp_path / "cache"
-    slow = {"cache.dir": cache, "cpt.max_steps": 400, "stages": "[cpt]"}  # ~10 s: long enough to be killed
+    # long enough to be killed after a checkpoint (every 5 steps), before it ends
+    slow = {"cache.dir": cache, "cpt.max_steps": 120, "cpt.gradient_accumulation_steps": 1, "cpt.save_steps": 5,
+            "stages": "[cpt]"}
     args = tiny_overrides(tiny_model, data_files, **slow, **{"hydra.run.dir": tmp_path / "killed"})
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list((cache / "cpt").glob("*.tmp-*")):
+        saved = "*.build/trainer/checkpoint-*/trainer_state.json"  # written last: the checkpoint is complete
+        while time.time() < deadline and not list((cache / "cpt").glob(saved)):
             time.sleep(0.2)
-        assert list((cache / "cpt").glob("*.tmp-*")), "CPT never started"
-        time.sleep(1.0)
+        assert list((cache / "cpt").glob(saved)), "CPT never saved a checkpoint"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # a real kill: maybe in the middle of the next save
         proc.wait()
-    leftovers = list((cache / "cpt").glob("*.tmp-*"))
-    assert leftovers and not any(is_complete(p) for p in leftovers)
+    leftovers = list((cache / "cpt").glob("*.build"))
+    assert len(leftovers) == 1 and not is_complete(leftovers[0])
+    assert [r["state"] for r in list_entries(cache)] == ["building or interrupted (resumed by the next build)"]
 
-    # the same key, run again: built afresh (the leftover is ignored), then complete
-    again = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **slow)), tmp_path / "again")
+    # the same key (save_steps only changes how it runs), run again: resumed from the last complete checkpoint, then
+    # published; the build dir is gone
+    again = run_pipeline(compose_cfg(tiny_overrides(tiny_model, data_files, **{**slow, "cpt.save_steps": 0})),
+                         tmp_path / "again")
     assert again["stage/cpt"] == "built"
-    assert [r["state"] for r in list_entries(cache) if ".tmp-" in r["key"]] == ["partial (never reused)"]
-    removed = prune(cache)
-    assert removed == [f"cpt/{leftovers[0].name} (interrupted build)"]
+    stats = json.loads((tmp_path / "again" / "cpt_adapter" / "cpt_stats.json").read_text())
+    assert stats["resumed_from_step"] >= 5 and stats["steps"] == 120
+    assert [r["state"] for r in list_entries(cache)] == ["complete"]
+
+    # leftovers of killed builds (atomic `.tmp-*` and resumable `.build`) go with any prune
+    (cache / "cpt" / f"{'b' * 16}.build" / "trainer" / "checkpoint-5").mkdir(parents=True)
+    (cache / "cpt" / f"{'c' * 16}.tmp-1234abcd").mkdir()
+    assert sorted(prune(cache)) == [f"cpt/{'b' * 16}.build (interrupted build)",
+                                    f"cpt/{'c' * 16}.tmp-1234abcd (interrupted build)"]
     assert [r["stage"] for r in list_entries(cache)] == ["cpt"]
 
 

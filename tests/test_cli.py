@@ -78,6 +78,30 @@ def test_full_run_opens_no_network_connection(tiny_model, data_files, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
     assert (tmp_path / "run" / "metrics.json").is_file()
+    # confidentiality: neither the console nor run.log quotes the corpus, the SFT data or the QA answers
+    logs = r.stdout + r.stderr + (tmp_path / "run" / "run.log").read_text(encoding="utf-8")
+    for secret in ("佐藤健一", "プレス機P-101", "1150度", "東京です", "これはペンです", "始業点検は何分"):
+        assert secret not in logs, secret
+    assert "(hidden: log_examples=true shows examples)" in logs
+
+
+def test_sweep_report_tracking_and_cache_commands_open_no_network(tiny_model, data_files, tmp_path):
+    """The rest of what a user runs: a sweep with its aggregation, report and MLflow tracking, then the cache
+    commands, all under the same audit hook."""
+    audit_log, sweep, cache = tmp_path / "network.log", tmp_path / "sweep", tmp_path / "cache"
+    env = {"NETWORK_AUDIT_LOG": str(audit_log)}
+    r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{
+        "hydra.sweep.dir": sweep, "cache.dir": cache, "tracking": "mlflow",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "cpt.max_steps": 1, "sft.max_steps": 1,
+        "eval.max_questions": 1}), "sft.lora_alpha=8,32"], prelude=AUDIT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (sweep / "results.csv").is_file() and (sweep / "report.html").is_file()
+    for command in (["list"], ["prune", "--all"]):
+        c = subprocess.run([sys.executable, "-c", f"{AUDIT}\nimport sys\nfrom pipeline.cache import main\n"
+                            f"sys.exit(main({['--root', str(cache), *command]!r}))"], cwd=ROOT, capture_output=True,
+                           text=True, env={**os.environ, **env}, timeout=120)
+        assert c.returncode == 0, c.stderr[-2000:]
+    assert not audit_log.exists(), audit_log.read_text()
 
 
 def test_seed_grid_experiment_runs_eight_cells(tiny_model, data_files, tmp_path):

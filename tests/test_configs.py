@@ -1,58 +1,112 @@
-"""Every shipped config composes and type-checks (lightning-hydra-template style)."""
+"""Every shipped config composes and type-checks (lightning-hydra-template style), and the YAML defaults are the
+dataclasses' defaults: one set of defaults, written twice only so that each config file can say why."""
 
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.config import SECTIONS, typed
+from pipeline.common import PipelineError
+from pipeline.config import SECTIONS, CptConfig, SftConfig, check_ranges, typed
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "data", "cpt", "merge", "sft", "eval"]
+# What a user of a real checkpoint must give (conf/data/own.yaml and the family configs say so with ???).
+USER_KEYS = ["model.path=/models/x", "data.cpt.path=/d/docs", "data.sft.path=/d/sft.jsonl",
+             "data.qa.path=/d/qa.jsonl"]
 
 
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"{group}={option}"])
+    cfg = composed(f"{group}={option}")
     if group == "model" and OmegaConf.is_missing(cfg.model, "path"):  # family configs: the path is the user's
-        from pipeline.common import PipelineError
-
         with pytest.raises(PipelineError, match=r"config key model.path: Missing mandatory value"):
             typed(cfg, "model")
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=[f"{group}={option}", "model.path=/models/x"])
+    if (group, option) not in (("model", "demo"),) and group in ("model", "data"):  # no recipe: the user's data
+        cfg = composed(f"{group}={option}", *(USER_KEYS if OmegaConf.is_missing(cfg.model, "path") else USER_KEYS[1:]))
     for section in SECTIONS:
-        typed(cfg, section)
+        check_ranges(typed(cfg, section), section)
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(experiment):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}"])
+    cfg = composed(f"+experiment={experiment}")
     for section in SECTIONS:
-        typed(cfg, section)
+        check_ranges(typed(cfg, section), section)
+
+
+@pytest.mark.parametrize("preset", options("hardware"))
+def test_every_hardware_preset_composes(preset):
+    cfg = composed("model=llm_jp_3", f"+hardware={preset}", *USER_KEYS)
+    for section in SECTIONS:
+        check_ranges(typed(cfg, section), section)
 
 
 def test_yaml_keys_match_dataclasses():
     """The YAML files document exactly the fields the code reads: no stale or undocumented keys."""
-    from dataclasses import fields
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config")
+    cfg = composed()
     for section, schema in SECTIONS.items():
         assert set(cfg[section].keys()) == {f.name for f in fields(schema)}, section
 
 
-def test_wrong_type_names_the_key():
-    from pipeline.common import PipelineError
+def _defaults(schema, node, prefix=""):
+    """(key, dataclass default, YAML value) for every field whose default the YAML restates."""
+    for f in fields(schema):
+        value = node[f.name]
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if is_dataclass(default):
+            yield from _defaults(type(default), value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", default, OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["cpt.r=many"])
+
+def test_yaml_defaults_are_the_dataclass_defaults():
+    """A real checkpoint's run (no recipe) composes exactly the dataclass defaults: they cannot drift apart."""
+    cfg = composed("model=llm_jp_3", *USER_KEYS)
+    for section in ("cpt", "sft", "merge", "eval"):
+        for name, default, yaml_value in _defaults(SECTIONS[section], cfg[section]):
+            assert yaml_value == default, f"{section}.{name}: YAML {yaml_value!r} vs dataclass {default!r}"
+
+
+def test_real_checkpoint_defaults_are_not_the_demos():
+    """model=demo gets the demo's aggressive recipe; every other model the defaults written for 1-13B checkpoints."""
+    real, demo = composed("model=llm_jp_3", *USER_KEYS), composed()
+    assert real.cpt.learning_rate <= 1e-4 and real.cpt.num_epochs <= 3 and real.sft.learning_rate <= 2e-4
+    assert real.cpt.target_modules == "attn_mlp"  # embeddings in full cost 10 GB on llm-jp-3-3.7b: opt-in
+    assert demo.cpt.learning_rate == 2e-3 and demo.cpt.num_epochs == 60 and demo.sft.learning_rate == 1e-3
+    assert real.cpt.learning_rate == CptConfig().learning_rate and real.sft.learning_rate == SftConfig().learning_rate
+
+
+def test_no_demo_file_in_a_user_run():
+    """The demo's evaluation files belong to the demo recipe: a user's run composes none of them."""
+    real = composed("model=llm_jp_3", *USER_KEYS)
+    assert real.data.general_qa.path is None and real.data.heldout.path is None
+    assert [real.data[k].path for k in ("cpt", "sft", "qa")] == ["/d/docs", "/d/sft.jsonl", "/d/qa.jsonl"]
+    unset = typed(composed("model=llm_jp_3", "model.path=/m"), "data")  # needed only by the stages that read them
+    assert unset.cpt.path is None and unset.qa.path is None
+    from pipeline.data import load_qa
+
+    with pytest.raises(PipelineError, match=r"^config key data.qa.path: Missing mandatory value; set it on the "
+                                            r"command line \(data.qa.path=...\)"):
+        load_qa(unset.qa.path)
+
+
+def test_wrong_type_names_the_key():
     with pytest.raises(PipelineError, match=r"config key cpt\.r: Value 'many'"):
-        typed(cfg, "cpt")
+        typed(composed("cpt.r=many"), "cpt")

@@ -1,49 +1,224 @@
-"""The merge stage refuses a merge whose logits differ from the adapter model's."""
+"""The merge streams base + adapter into a checkpoint tensor by tensor, gets PEFT's own merge_and_unload exactly, and
+refuses (publishing nothing) a merge whose logits differ from the adapter model's."""
 
 import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model
 from pipeline.common import PipelineError
 from pipeline.config import MergeConfig, ModelConfig
-from pipeline.merge import merge_adapter
+from pipeline.merge import merge_adapter, stream_merge
+from pipeline.modules import fit_embeddings, lora_config, resolve_targets
+
+ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_adapter(model_dir, out, target_modules, **lora_kw):
+def as_if_trained(peft_model, seed=1):
+    """Random values where training would have moved the adapter: a zero lora_B would make the LoRA a no-op, and
+    untouched full copies would equal the base."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)
+            elif "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+
+
+def save_adapter(model_dir, out, target_modules=None, config=None, add_tokens=(), save_embedding_layers="auto",
+                 **lora_kw):
+    """A LoRA adapter of the tiny model at `model_dir`, saved as CPT saves one (tokenizer and cpt_stats.json too)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, **lora_kw))
-    torch.manual_seed(1)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name or "lora_embedding_B" in name:
-            p.data.normal_(0, 0.5)  # as if trained: a zero B would make the adapter a no-op
-    peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    new_ids = []
+    if add_tokens:
+        tok.add_tokens(list(add_tokens), special_tokens=True)
+        new_ids = tok.convert_tokens_to_ids(list(add_tokens))
+        fit_embeddings(model, len(tok), new_ids)
+    config = config or LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, **lora_kw)
+    peft_model = get_peft_model(model, config)
+    as_if_trained(peft_model)
+    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
+    tok.save_pretrained(out)
+    (out / "cpt_stats.json").write_text(json.dumps({"added_token_ids": new_ids}))
     return out
 
 
-def test_lora_on_tied_embeddings_is_caught(tmp_path):
-    """The PEFT trap: LoRA on a tied embed_tokens + lm_head writes both deltas into the one shared tensor."""
+def peft_merged(model_dir, adapter, new_ids=()):
+    """What PEFT's own in-memory merge gives: the reference for the streaming merge."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    fit_embeddings(base, len(AutoTokenizer.from_pretrained(adapter)), list(new_ids))
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def saved_tensors(out):
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def assert_same_tensors(out, merged):
+    expected = merged.state_dict()
+    got = saved_tensors(out)
+    if merged.get_output_embeddings().weight is merged.get_input_embeddings().weight:
+        expected.pop("lm_head.weight")  # tied stays tied: no separate head tensor
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_sharded_base_streams_to_exactly_peft_merge_and_unload(tmp_path):
+    """LoRA on every linear layer + embed_tokens/lm_head trained in full (the CPT default on an untied model)."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(model_dir, max_shard_size="20KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()  # the base is sharded
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ATTN_MLP, modules_to_save=["embed_tokens", "lm_head"])
+
+    out = tmp_path / "out"
+    out.mkdir()
+    info = stream_merge(model_dir, adapter, out, torch.float32, n_tokens=400, shard_bytes=60_000)
+    assert info["edited"] == {"lora": 14, "replaced": 2, "token_rows": 0, "grown": 0}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) == info["shards"] > 1 and set(index["weight_map"].values()) == {f.name for f in shards}
+    # no shard over the limit unless one tensor alone is (the 400 x 32 fp32 embedding is 51 kB)
+    assert all(sum(t.numel() * 4 for t in load_file(f).values()) <= 60_000 for f in shards)
+    merged = peft_merged(model_dir, adapter)
+    assert_same_tensors(out, merged)
+    emb = saved_tensors(out)["model.embed_tokens.weight"]  # the trained copy replaced the base's embedding
+    assert not torch.equal(emb, AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight)
+
+    # the stage around it: verified, published, and loadable by plain transformers
+    ckpt = merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                         device="cpu")
+    check = json.loads((ckpt / "merge_check.json").read_text())
+    assert check["max_abs_logit_diff"] <= 1e-4 and check["reload_max_abs_logit_diff"] == 0
+    ids = torch.randint(0, 400, (1, 40), generator=torch.Generator().manual_seed(0))
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert torch.equal(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_tied_model_stays_tied(tmp_path):
+    """The pipeline's CPT setting on a tied model: the one shared tensor trained in full, the head re-tied to it."""
+    model_dir = make_tiny_model(tmp_path / "tied", tie=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # as older transformers versions saved tied models: the head's tensor in the file too
+    base = load_file(model_dir / "model.safetensors")
+    save_file({**base, "lm_head.weight": base["model.embed_tokens.weight"].clone()}, model_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    config = lora_config(resolve_targets("attn_mlp_embed", model), r=4, alpha=8, dropout=0.0, use_rslora=False)
+    adapter = save_adapter(model_dir, tmp_path / "adapter", config=config)
+    out = merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                        device="cpu")
+
+    assert "lm_head.weight" not in saved_tensors(out)
+    assert json.loads((out / "merge_check.json").read_text())["tied_embeddings"] is True
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    assert_same_tensors(out, peft_merged(model_dir, adapter))
+
+
+def test_rslora_and_per_module_ranks_scale_as_peft_does(tmp_path):
+    """rsLoRA scales by alpha/sqrt(r), not alpha/r; rank_pattern/alpha_pattern override r and alpha per module."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ATTN_MLP, use_rslora=True,
+                        rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
+    adapter = save_adapter(model_dir, tmp_path / "adapter", config=config)
+    out = tmp_path / "out"
+    out.mkdir()
+    stream_merge(model_dir, adapter, out, torch.float32, n_tokens=400)
+    assert_same_tensors(out, peft_merged(model_dir, adapter))
+
+
+@pytest.mark.parametrize("trained, saved_layers", [(["embed_tokens", "lm_head"], "auto"), (["embed_tokens"], False)])
+def test_added_tokens_grow_the_vocabulary_as_cpt_did(tmp_path, trained, saved_layers):
+    """New tokens' rows, grown beyond the base's matrix at the mean of the old rows, trained as PEFT trainable tokens.
+
+    As CPT saves it, the adapter holds the grown layers too (PEFT saves resized embeddings). Without them, and with
+    only the embedding's rows trained, the head's new rows are the mean rows the merge grows itself."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ATTN_MLP, add_tokens=["<|im_start|>", "<|im_end|>"],
+                           trainable_token_indices={name: [400, 401] for name in trained},
+                           save_embedding_layers=saved_layers)
+    out = merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                        device="cpu")
+    check = json.loads((out / "merge_check.json").read_text())
+    assert check["vocab_rows"] == 402 and check["check_tokens"] > 128  # the new rows are in the check sample
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 402
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [400, 401]
+    assert_same_tensors(out, peft_merged(model_dir, adapter, [400, 401]))
+
+
+def test_fan_in_fan_out_layers(tmp_path):
+    """GPT-2's Conv1D stores weights transposed: PEFT transposes the LoRA update for them."""
+    model_dir = make_tiny_model(tmp_path / "gpt2", model_type="gpt2")
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ["c_attn", "c_fc"], fan_in_fan_out=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    stream_merge(model_dir, adapter, out, torch.float32, n_tokens=400)
+    assert_same_tensors(out, peft_merged(model_dir, adapter))
+
+
+def test_lora_on_tied_embeddings_is_refused(tmp_path):
+    """The PEFT trap: LoRA on a tied embed_tokens + lm_head would write both deltas into the one shared tensor."""
     model_dir = make_tiny_model(tmp_path / "tied", tie=True)
     adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "embed_tokens", "lm_head"])
-    with pytest.raises(PipelineError, match=r"merge check failed: merged model's logits differ from the adapter "
-                                            r"model's by [0-9.]+ \(> [0-9.e-]+ = merge.max_abs_logit_diff 0.0001 \+ "
-                                            r"merge.rel_logit_diff 0.0001 x max\|logit\| [0-9.]+\)"):
-        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged")
+    with pytest.raises(PipelineError, match=r"LoRA on lm_head, but the base's head is tied to its embedding"):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                      device="cpu")
     assert not (tmp_path / "merged").exists()
     assert not list(tmp_path.glob("merged.tmp-*"))  # nothing half-written is left behind
 
 
+def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
+    """A lora_B that diverged (NaN) in training: the adapter model itself is broken."""
+    model_dir = make_tiny_model(tmp_path / "m")
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PipelineError, match=r"merge check failed: merged model's logits differ from the adapter "
+                                            r"model's by nan \(> nan = merge.max_abs_logit_diff 0.0001 \+ "
+                                            r"merge.rel_logit_diff 0.0001 x max\|logit\| nan\)"):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                      device="cpu")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+
+
+def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, monkeypatch):
+    """The saved file is checked against PEFT's merge: here the streaming merge scales every LoRA update twice."""
+    import pipeline.merge
+
+    model_dir = make_tiny_model(tmp_path / "m")
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
+    scaling = pipeline.merge._lora_scaling
+    monkeypatch.setattr(pipeline.merge, "_lora_scaling", lambda config, module: 2 * scaling(config, module))
+    with pytest.raises(PipelineError, match=r"merge check failed: the saved checkpoint's logits differ from the "
+                                            r"verified merge's by [0-9.]+ \(tolerance [0-9.e-]+\), tied=False vs "
+                                            r"base tied=False; nothing was published"):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                      device="cpu")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+
+
 def test_good_merge_in_bfloat16_reports_drift(tmp_path):
+    """A bf16 save: the file must hold PEFT's fp32 merge rounded once, and the rounding's effect is reported."""
     model_dir = make_tiny_model(tmp_path / "m")
     adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
     out = merge_adapter(MergeConfig(save_dtype="bfloat16"), ModelConfig(path=str(model_dir)), adapter,
-                        tmp_path / "merged")
+                        tmp_path / "merged", device="cpu")
     check = json.loads((out / "merge_check.json").read_text())
     assert check["max_abs_logit_diff"] <= 1e-4        # the fp32 merge itself is exact
     assert check["save_dtype"] == "bfloat16" and check["save_dtype_logit_drift"] > 0  # rounding, reported
     assert check["reload_max_abs_logit_diff"] <= 1e-5  # the file reproduces what was verified
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    merged = peft_merged(model_dir, adapter)
+    got = saved_tensors(out)
+    assert all(torch.equal(got[k], v.to(torch.bfloat16)) for k, v in merged.state_dict().items())

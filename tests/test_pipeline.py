@@ -34,7 +34,7 @@ def test_all_stages(tiny_model, data_files, tmp_path):
             assert f"{kind}/{m}" in saved
     assert 0.0 <= saved["sft/eos_rate"] <= 1.0
     assert saved["knowledge_gain"] == pytest.approx(saved["cpt/contains"] - saved["base/contains"])
-    assert saved["logprob_gain"] == pytest.approx(saved["cpt/logprob"] - saved["base/logprob"])
+    assert saved["cpt_gain/logprob"] == pytest.approx(saved["cpt/logprob"] - saved["base/logprob"])
     # the swept values are recorded next to the results
     assert saved["cpt.lora_alpha"] == 64 and saved["sft.target_modules"] == "attn" and saved["seed"] == 42
 

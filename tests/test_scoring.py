@@ -1,4 +1,7 @@
-"""Normalisation and string metrics, with expectations computed by hand."""
+"""Normalisation and string metrics, with expectations computed by hand.
+
+The number cases read as the rules of pipeline/scoring.py: a gold number matches only a whole number.
+"""
 
 import pytest
 
@@ -21,7 +24,8 @@ from pipeline.scoring import char_f1, contains, exact_match, normalize
     ("二〇二四年", "2024年"),            # digit-by-digit kanji year
     ("三万五千回転", "35000回転"),
     ("七日", "7日"),                    # a single numeral before a counter
-    ("製造一課", "製造一課"),            # ... but not inside a word
+    ("製造一課", "製造1課"),             # ... 課 is a counter: the section's number is a number (was kept as kanji)
+    ("唯一", "唯一"),                    # ... but a numeral that is part of a word stays
     ("880t", "880トン"),                # Latin unit after a number
     ("1200℃", "1200度"),               # NFKC makes ℃ "°c", then the unit rule
     ("7500 rpm", "7500回転"),
@@ -72,3 +76,231 @@ def test_kanji_to_int(run, value):
     from pipeline.scoring import kanji_to_int
 
     assert kanji_to_int(run) == value
+
+
+# ---------------------------------------------------------------- numbers: what each text normalises to
+
+@pytest.mark.parametrize("raw, expected", [
+    ("5.0分", "5分"),                   # trailing decimal zeros go: 5.0 is 5
+    ("0.50mm", "0.5mm"),
+    ("1,200個", "1200個"),               # thousands separator
+    ("１，２００個", "1200個"),           # full-width digits and comma
+    ("12,345,678円", "12345678円"),
+    ("1,20", "1 20"),                   # not a thousands group: two numbers, kept apart
+    ("1,2345", "1 2345"),
+    ("5, 10", "5 10"),                  # dropped punctuation still separates numbers
+    ("5 10", "5 10"),
+    ("5-10分", "5 10分"),               # a hyphen after a digit is a range, not a sign
+    ("5〜10分", "5 10分"),
+    ("5～10分", "5 10分"),              # ～ → ~ (NFKC), the same range mark
+    ("007", "7"),                       # leading zeros go
+    ("08:30", "8:30"),                  # a time: leading zero of the hour goes, the rest stays
+    ("1.2.3", "1.2.3"),                 # a dotted version stays as written
+    (".5mm", "0.5mm"),                  # a leading decimal point
+    ("No.5ライン", "no5ライン"),         # ... but not after a letter: the dot of No. is punctuation
+    ("-0度", "0度"),                    # minus zero is zero
+    ("2024/04/01", "2024 4 1"),
+    ("(-5)", "-5"),
+])
+def test_normalize_numbers(raw, expected):
+    assert normalize(raw) == expected
+
+
+# every minus sign, full width, with the number it signs
+@pytest.mark.parametrize("minus", ["-", "\u2212", "\uff0d", "\u2010", "\u2011", "\u2012", "\u2013", "\u2014",
+                                   "\u2015", "\ufe63", "\ufe58", "\u207b", "\u208b", "\u30fc", "\uff70", "▲", "△"])
+def test_every_minus_form_is_a_sign(minus):
+    assert normalize(f"{minus}5度") == "-5度"
+    assert exact_match(f"{minus}5度", "-5度") == 1.0
+    assert exact_match(f"{minus}5度", "5度") == 0.0
+    assert contains(f"気温は{minus}5度です", "5度") == 0.0
+    assert contains(f"気温は{minus}5度です", "-5度") == 1.0
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("マイナス5度", "-5度"),
+    ("マイナス 五度", "-5度"),           # kanji numeral after the word, space between
+    ("ﾏｲﾅｽ5度", "-5度"),                # half-width katakana (NFKC)
+    ("零下5度", "-5度"),
+    ("零下五度", "-5度"),
+    ("氷点下3℃", "-3度"),
+    ("プラス5度", "5度"),                # a plus sign is no information
+    ("+5度", "5度"),
+    ("気温は-5度", "気温は-5度"),        # after hiragana (a particle) a minus is a sign
+    ("気温:-5度", "気温-5度"),           # after punctuation too
+    ("▲500万円", "-500万円"),            # accounting minus
+    ("前年比△5%", "前年比-5%"),          # ▲/△ before a digit are minus even after a kanji
+    ("-.5mm", "-0.5mm"),
+    ("マイナスの値", "マイナスの値"),     # マイナス not before a number is a word
+])
+def test_normalize_signs(raw, expected):
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("P-101", "p101"),                  # a hyphen after a letter is part of a name, dropped like punctuation
+    ("P−101", "p101"),
+    ("炉-3", "炉3"),                     # ... after a kanji too
+    ("炉－３", "炉3"),
+    ("ライン-2", "ライン2"),              # ... after katakana
+    ("温度-5度", "温度5度"),             # the price of that rule: write 温度は-5度 or 温度 -5度
+    ("データー5件", "データー5件"),       # ー after katakana is the long vowel, not a minus
+    ("±0.5mm", "±0.5mm"),               # ± is a symbol, kept
+])
+def test_hyphens_of_names_are_not_signs(raw, expected):
+    assert normalize(raw) == expected
+
+
+# ---------------------------------------------------------------- kanji numerals
+
+@pytest.mark.parametrize("raw, expected", [
+    ("三号機", "3号機"),
+    ("一号機", "1号機"),
+    ("三課", "3課"),
+    ("第二工場", "第2工場"),              # 第 + numeral is an ordinal: converted whatever follows
+    ("第一に", "第1に"),
+    ("二人", "2人"),
+    ("五回", "5回"),
+    ("四台", "4台"),
+    ("九月", "9月"),
+    ("六秒", "6秒"),
+    ("八個", "8個"),
+    ("二十歳", "20歳"),
+    ("三十分", "30分"),                  # a run of two numerals is a number
+    ("十分間", "10分間"),                # 十分 followed by 間/後/前 is 10 minutes
+    ("十分後", "10分後"),
+    ("一時間", "1時間"),
+    ("週一回", "週1回"),                 # a counter before the numeral does not make it a word
+    ("年一回", "年1回"),
+    ("一ヶ月", "1か月"),                 # multi-character counter, then か月 spelled one way
+    ("三か月", "3か月"),
+    ("3ヶ月", "3か月"),
+    ("3カ所", "3か所"),
+    ("3箇所", "3か所"),
+    ("五kg", "5kg"),                     # a Latin unit counts as a counter
+    ("五トン", "5トン"),
+    ("地下一階", "地下1階"),
+    ("二倍", "2倍"),
+    ("三割", "3割"),
+    ("一級", "1級"),
+    ("三名", "3名"),
+    ("A工場二号機", "a工場2号機"),        # a kanji before the numeral does not stop it
+])
+def test_kanji_numerals_before_counters(raw, expected):
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize("word", ["一般", "唯一", "一部", "十分", "十分です", "同一人物", "統一", "単一", "均一",
+                                  "万一", "一時停止", "一時的", "一方", "一体", "唯一無二", "再三"])
+def test_words_keep_their_kanji(word):
+    assert normalize(word) == word.removesuffix("です")  # (the copula is dropped as always)
+
+
+# ---------------------------------------------------------------- exact match: same answer, different spelling
+
+@pytest.mark.parametrize("prediction, gold", [
+    ("5.0分", "5分"),
+    ("5分", "5.00分"),
+    ("1,200個", "1200個"),
+    ("1200個", "千二百個"),
+    ("１５分", "15分"),
+    ("－５度", "-5度"),
+    ("マイナス5度", "-5度"),
+    ("零下5度", "-5度"),
+    ("氷点下五度", "−5℃"),
+    ("三号機", "3号機"),
+    ("第二工場", "第2工場"),
+    ("製造一課", "製造1課"),
+    ("週一回です", "週1回"),
+    ("3ヶ月", "三か月"),
+    ("880t", "880トン"),
+    ("880 t", "880トン"),
+    ("八百八十トンです。", "880t"),
+    ("1200℃", "1200度"),
+    ("7500rpm", "7500回転"),
+    ("0.5mm", ".5mm"),
+    ("+5度", "5度"),
+    ("5〜10分", "5-10分"),
+    ("P-101", "P101"),
+    ("主任です", "主任"),
+    ("8:30", "08:30"),
+])
+def test_exact_match_same_quantity(prediction, gold):
+    assert exact_match(prediction, gold) == 1.0
+    assert contains(prediction, gold) == 1.0
+
+
+@pytest.mark.parametrize("prediction, gold", [
+    ("15分", "5分"),
+    ("1.5分", "5分"),
+    ("0.5mm", "5mm"),
+    ("-5度", "5度"),
+    ("5度", "-5度"),
+    ("13人", "3人"),
+    ("510", "5 10"),                     # two numbers are not one
+    ("5.1分", "5.01分"),
+    ("3.5トン", "35トン"),
+    ("1,20", "120"),
+    ("十分", "10分"),                    # "enough" is not 10 minutes
+    ("同一人物", "同1人物"),
+    ("8:30", "8:03"),
+])
+def test_exact_match_different_quantity(prediction, gold):
+    assert exact_match(prediction, gold) == 0.0
+
+
+# ---------------------------------------------------------------- contains: a gold number is a whole number
+
+@pytest.mark.parametrize("prediction, gold, expected", [
+    ("所要時間は15分です", "5分", 0.0),     # digits are never matched inside a longer number
+    ("所要時間は1.5分です", "5分", 0.0),    # ... nor after a decimal point
+    ("所要時間は5.5分です", "5分", 0.0),    # ... nor before one
+    ("所要時間は約5分です", "5分", 1.0),
+    ("所要時間は5分間です", "5分", 1.0),
+    ("所要時間は5.0分です", "5分", 1.0),    # 5.0 = 5, as in exact_match
+    ("担当は13人", "3人", 0.0),
+    ("担当は3人", "3人", 1.0),
+    ("公差は0.5mm", "5mm", 0.0),
+    ("公差は0.5mm", "0.5mm", 1.0),
+    ("公差は±0.5mm", "0.5mm", 1.0),
+    ("気温は-5度", "5度", 0.0),             # the sign belongs to the number
+    ("気温はマイナス5度", "5度", 0.0),
+    ("気温は零下5度", "-5度", 1.0),
+    ("気温は5度", "-5度", 0.0),
+    ("炉-3の温度", "3", 1.0),              # a name's hyphen is no sign
+    ("P-101の定格", "101", 1.0),
+    ("P-1011の定格", "101", 0.0),
+    ("P-101の定格", "P-101", 1.0),
+    ("価格は1,200円", "1200円", 1.0),
+    ("価格は11,200円", "1,200円", 0.0),
+    ("価格は1,200円", "200円", 0.0),        # a thousands group is not a number of its own
+    ("3号機と4号機", "三号機", 1.0),
+    ("13号機", "三号機", 0.0),
+    ("第二工場の3号機", "第2工場", 1.0),
+    ("時間は十分あります", "10分", 0.0),    # 十分 "enough" is no quantity
+    ("十分間待つ", "10分", 1.0),
+    ("同一人物です", "1人", 0.0),
+    ("8:30開始", "30", 0.0),                # a time is one number
+    ("2024年4月1日", "4月", 1.0),
+    ("2024年4月1日", "24年", 0.0),
+    ("５，０００個", "5000個", 1.0),
+    ("1.2.3版", "2.3", 0.0),
+    ("定格は880tです", "880トン", 1.0),
+    ("定格は8880トンです", "880トン", 0.0),
+])
+def test_contains_matches_whole_numbers(prediction, gold, expected):
+    assert contains(prediction, gold) == expected
+
+
+def test_contains_aliases_follow_the_same_rules():
+    assert contains("15分かかる", "5分", aliases=["五分"]) == 0.0
+    assert contains("5分かかる", "五分", aliases=["15分"]) == 1.0
+    assert contains("マイナス5度", "零下五度", aliases=[]) == 1.0
+    assert exact_match("15分", "5分", aliases=["十五分"]) == 1.0
+
+
+def test_char_f1_counts_canonical_characters():
+    # "1,200円" and "1200円" are the same 5 characters after normalisation
+    assert char_f1("1,200円", "1200円") == pytest.approx(1.0)
+    # the space that keeps two numbers apart is not a character: "5 10" vs "510" share 5,1,0
+    assert char_f1("5 10", "510") == pytest.approx(1.0)

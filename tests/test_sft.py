@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.common import PipelineError
-from pipeline.sft import chat_template_text, render_prompt, to_prompt_completion
+from pipeline.prompts import chat_template_text, render_prompt, to_prompt_completion
 
 MSGS = [{"role": "user", "content": "日本の首都は？"}, {"role": "assistant", "content": "東京です。"}]
 
