@@ -59,8 +59,11 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_job(tiny_model, data_files, 
     for var in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "TF_BUILD"):
         monkeypatch.delenv(var, raising=False)
     r = run_cli(["-m", "tracking=mlflow", f"tracking.uri=sqlite:///{db}",
-                 *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep, "cpt.logging_steps": 1,
-                                                            "sft.logging_steps": 1}), "sft.lora_alpha=8,32"],
+                 # its own cache: logging_steps is not part of a stage's key, so a CPT built by another test
+                 # (logging every 10 steps) would be reused with no per-step losses to log
+                 *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep, "cache.dir": tmp_path / "cache",
+                                                            "cpt.logging_steps": 1, "sft.logging_steps": 1}),
+                 "sft.lora_alpha=8,32"],
                 prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
