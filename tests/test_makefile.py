@@ -22,7 +22,11 @@ def checkout(tmp_path):
 
 
 def planned(checkout, target, *args):
-    r = subprocess.run(["make", "-n", target, *args], cwd=checkout, capture_output=True, text=True, check=True)
+    # Under `make test` (CI) the outer make's variables reach this one: a nested make prints "Entering directory"
+    # and inherits the outer ARGS. Plan as a user's shell would.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS")}
+    r = subprocess.run(["make", "-n", target, *args], cwd=checkout, capture_output=True, text=True, check=True,
+                       env=env)
     return r.stdout.splitlines()
 
 
