@@ -6,7 +6,7 @@ stable. Hydra composes YAML; `typed()` checks a composed section against its dat
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,17 +15,14 @@ from omegaconf.errors import OmegaConfBaseException
 from .common import PipelineError
 
 
-def key(default: Any = MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
-        le: Optional[float] = None, lt: Optional[float] = None, choices: Optional[tuple] = None,
-        doc: str = "", runtime: bool = False, factory: Any = MISSING):
+def key(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+        lt: Optional[float] = None, choices: Optional[tuple] = None, doc: str = "", runtime: bool = False):
     """A config field with its allowed range declared next to it (`check_ranges` enforces it before any model
     loads). Bounds apply to numbers (None passes: "not set"), `choices` to strings. `runtime=True` marks a key that
     changes only how a stage runs or reports (logging, batch size of scoring, check tolerances), never what it
     produces: it stays out of the stage's cache key (`cache_settings`)."""
     meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
     meta.update(doc=doc, runtime=runtime)
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
