@@ -230,6 +230,73 @@ def check_output_dir(cfg: DictConfig) -> None:
                             f"directory") from None
 
 
+def eval_models(cfg: DictConfig, stages: list) -> list:
+    """The models eval scores in this run: those of eval.models that this run has (built here or from inputs.*)."""
+    has_cpt = "merge" in stages or bool(cfg.inputs.get("cpt_model"))
+    # the final chat model: an SFT adapter and/or the chat-vector model, on the CPT model
+    has_sft = has_cpt and ("sft" in stages or "chat_vector" in stages or bool(cfg.inputs.get("sft_adapter")))
+    available = {"base": True, "cpt": has_cpt, "sft": has_sft}
+    return [m for m in ("base", "cpt", "sft") if available[m] and m in cfg.eval.models]
+
+
+def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, dict]:
+    """What each requested stage's cache key hashes (cache.stage_key), in stage order, computed before anything runs.
+
+    A key holds the stage's settings (every key of its section not declared runtime), the files it reads (each stage
+    module's key_material, next to the code that reads them), the model settings it uses, and the identity of each
+    stage output it builds on: that stage's key when it runs here, else the fingerprint of the inputs.* directory.
+    tests/test_cache_keys.py changes every config key and input file and checks which keys follow."""
+    from . import chat_vector, cpt, sft
+    from . import eval as evaluation
+
+    model_cfg, data_cfg, seed = typed(cfg, "model"), typed(cfg, "data"), int(cfg.seed)
+    materials: Dict[str, dict] = {}
+    keys: Dict[str, str] = {}
+
+    def identity(stage: str, input_key: str) -> Optional[str]:
+        # Written as fingerprint_model writes a cached output's identity, so that a later stage run on its own from
+        # inputs.* (a run directory's link into the cache) gets the key it has in the chained run, and is reused.
+        if stage in keys:
+            return f"cache:{stage}/{keys[stage]}"
+        path = cfg.inputs.get(input_key)
+        return fingerprint_model(path) if path else None
+
+    def add(stage: str, material: dict) -> None:
+        materials[stage], keys[stage] = material, stage_key(stage, material)
+
+    base_id = fingerprint_model(model_cfg.path)
+    # The resolved dtype, not "auto": a CPU (fp32) result is not a GPU (bf16) result. The device itself is not keyed.
+    dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(str(cfg.device)))).replace("torch.", "")
+    model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
+                      "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code,
+                      "load_in_4bit": model_cfg.load_in_4bit, "add_special_tokens": model_cfg.add_special_tokens,
+                      "backend": backend}  # unsloth's kernels give other numbers than the plain path
+    template = {"prompt_template": model_cfg.prompt_template,
+                "chat_template": chat_template_text(model_cfg.chat_template)}
+    if "cpt" in stages:
+        c = typed(cfg, "cpt")
+        add("cpt", {**model_settings, **cpt.key_material(c, data_cfg, seed if c.seed is None else c.seed)})
+    if "merge" in stages:
+        add("merge", {"base": base_id, "cpt": identity("cpt", "cpt_adapter"),
+                      "merge": cache_settings(typed(cfg, "merge"))})
+    if "chat_vector" in stages:
+        add("chat_vector", {**template, **chat_vector.key_material(typed(cfg, "chat_vector"), model_cfg),
+                            "base": base_id, "cpt_model": identity("merge", "cpt_model")})
+    if "sft" in stages:
+        s = typed(cfg, "sft")
+        add("sft", {**model_settings, **template, **sft.key_material(s, data_cfg, seed if s.seed is None else s.seed),
+                    "cpt_model": identity("merge", "cpt_model"),
+                    "chat_vector": keys.get("chat_vector")})  # SFT on the CPT model + chat vector
+    if "eval" in stages:
+        models = eval_models(cfg, stages)
+        add("eval", {**model_settings, **template, **evaluation.key_material(typed(cfg, "eval"), data_cfg),
+                     "models": sorted(models),
+                     "cpt_model": identity("merge", "cpt_model") if {"cpt", "sft"} & set(models) else None,
+                     "sft_adapter": identity("sft", "sft_adapter") if "sft" in models else None,
+                     "chat_vector": keys.get("chat_vector")})
+    return materials
+
+
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
     from . import chat_vector, cpt, merge, sft
@@ -287,61 +354,34 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                  extra=CONSOLE)
         return str(out)
 
-    def identity(stage: str, key: str) -> str:
-        """What a downstream key depends on: this run's key for the producing stage, else the input's identity."""
-        return record.get(f"key/{stage}") or fingerprint_model(paths[key])
-
-    base_id = fingerprint_model(model_cfg.path)
-    # The resolved dtype, not "auto": a CPU (fp32) result is not a GPU (bf16) result. The device itself is not keyed.
-    dtype = str(resolve_dtype(model_cfg.dtype, resolve_device(device))).replace("torch.", "")
-    model_settings = {"base": base_id, "dtype": dtype, "max_seq_length": model_cfg.max_seq_length,
-                      "modules": model_cfg.modules, "trust_remote_code": model_cfg.trust_remote_code,
-                      "load_in_4bit": model_cfg.load_in_4bit, "add_special_tokens": model_cfg.add_special_tokens,
-                      "backend": backend}  # unsloth's kernels give other numbers than the plain path
-    template = {"prompt_template": model_cfg.prompt_template, "chat_template": chat_template_text(model_cfg.chat_template)}
-
+    materials = stage_materials(cfg, stages, backend)  # every key before the first stage runs
     if "cpt" in stages:
         c = typed(cfg, "cpt")
         cpt_seed = seed if c.seed is None else c.seed
-        material = {**model_settings, **cpt.key_material(c, data_cfg, cpt_seed)}
-        paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", material, lambda out: cpt.train_cpt(
+        paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", materials["cpt"], lambda out: cpt.train_cpt(
             c, model_cfg, data_cfg.cpt, cpt_seed, out, device, backend, qa_pairs=data_cfg.cpt_qa.path,
             scored_qa=data_cfg.qa.path))
     if "merge" in stages:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
-        material = {"base": base_id, "cpt": identity("cpt", "cpt_adapter"), "merge": cache_settings(m)}
-        paths["cpt_model"] = run_stage("merge", "cpt_model", material, lambda out: merge.merge_adapter(
+        paths["cpt_model"] = run_stage("merge", "cpt_model", materials["merge"], lambda out: merge.merge_adapter(
             m, model_cfg, adapter, out, device))
     if "chat_vector" in stages:
         cv, cpt_model = typed(cfg, "chat_vector"), _require(paths["cpt_model"], "cpt_model", "chat_vector")
-        material = {**template, **chat_vector.key_material(cv, model_cfg), "base": base_id,
-                    "cpt_model": identity("merge", "cpt_model")}
-        paths["cv_model"] = run_stage("chat_vector", "cv_model", material, lambda out: chat_vector.apply_chat_vector(
-            cv, model_cfg, cpt_model, out, device))
+        paths["cv_model"] = run_stage("chat_vector", "cv_model", materials["chat_vector"], lambda out:
+                                      chat_vector.apply_chat_vector(cv, model_cfg, cpt_model, out, device))
     if "sft" in stages:
         s_cfg, cpt_model = typed(cfg, "sft"), _require(paths["cpt_model"], "cpt_model", "sft")
         replay = data_cfg.replay if data_cfg.replay.path else data_cfg.cpt  # sft.replay_ratio's text
         sft_seed = seed if s_cfg.seed is None else s_cfg.seed
-        material = {**model_settings, **template, **sft.key_material(s_cfg, data_cfg, sft_seed),
-                    "cpt_model": identity("merge", "cpt_model"),
-                    "chat_vector": record.get("key/chat_vector")}  # SFT on the CPT model + chat vector
-        paths["sft_adapter"] = run_stage("sft", "sft_adapter", material, lambda out: sft.train_sft(
+        paths["sft_adapter"] = run_stage("sft", "sft_adapter", materials["sft"], lambda out: sft.train_sft(
             s_cfg, model_cfg, data_cfg.sft, paths.get("cv_model") or cpt_model, sft_seed, out, device, backend,
             replay=replay, dev_qa=data_cfg.dev_qa.path, scored_qa=data_cfg.qa.path))
     if "eval" in stages:
         ev = typed(cfg, "eval")
-        models = {"base": (model_cfg.path, None)}
-        if paths["cpt_model"]:
-            models["cpt"] = (paths["cpt_model"], None)
-            if paths["sft_adapter"] or paths.get("cv_model"):  # the final chat model: SFT and/or chat vector
-                models["sft"] = (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])
-        models = {k: v for k, v in models.items() if k in ev.models}
-        material = {**model_settings, **template, **evaluation.key_material(ev, data_cfg), "models": sorted(models),
-                    "cpt_model": identity("merge", "cpt_model") if {"cpt", "sft"} & set(models) else None,
-                    "sft_adapter": identity("sft", "sft_adapter") if "sft" in models and paths["sft_adapter"]
-                    else None,
-                    "chat_vector": record.get("key/chat_vector")}
-        eval_dir = Path(run_stage("eval", "eval", material, lambda out: evaluation.evaluate(
+        models = {"base": (model_cfg.path, None), "cpt": (paths["cpt_model"], None),
+                  "sft": (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])}
+        models = {k: models[k] for k in eval_models(cfg, stages)}
+        eval_dir = Path(run_stage("eval", "eval", materials["eval"], lambda out: evaluation.evaluate(
             ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path,
             backend, heldout_text_field=data_cfg.heldout.text_field)))
         for name in ("answers.jsonl", "lost_questions.jsonl"):

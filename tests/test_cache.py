@@ -3,13 +3,9 @@
 import json
 import multiprocessing as mp
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import tiny_overrides
@@ -57,46 +53,49 @@ def test_key_is_stable_and_sensitive():
     assert stage_key("cpt", material) != stage_key("sft", material)
 
 
-def _racer(root, log_path):
+def _racer(root, log_path, barrier):
     def build(out):
         with atomic_output(out) as tmp:
             with open(log_path, "a") as f:
-                f.write(f"{os.getpid()}\n")
-            time.sleep(0.5)  # a slow build: the others must wait, not build again
+                f.write(f"built by {os.getpid()}\n")
+            time.sleep(0.5)  # a slow build: the others must wait for it, not build again
             (tmp / "result.txt").write_text("done")
 
+    barrier.wait(timeout=120)  # every process is imported and ready: they reach the cache at the same moment
     path, reused = StageCache(root).get_or_build("cpt", "k" * 16, build)
     assert (path / "result.txt").read_text() == "done"
+    with open(log_path, "a") as f:
+        f.write(f"{'reused' if reused else 'returned its build'}\n")
 
 
 def test_racing_processes_build_once(tmp_path):
-    log_path = tmp_path / "builds.log"
-    procs = [mp.get_context("spawn").Process(target=_racer, args=(tmp_path / "cache", log_path)) for _ in range(4)]
+    """Four processes released together onto one missing key: one builds, three wait on the lock and reuse it."""
+    ctx = mp.get_context("fork")  # nothing to import again: the four start at once (the builds use no torch)
+    barrier, log_path = ctx.Barrier(4), tmp_path / "builds.log"
+    procs = [ctx.Process(target=_racer, args=(tmp_path / "cache", log_path, barrier)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    assert len(log_path.read_text().splitlines()) == 1
+    lines = log_path.read_text().splitlines()
+    assert sum(line.startswith("built by") for line in lines) == 1, lines
+    assert sorted(line for line in lines if not line.startswith("built by")) == ["returned its build"] + ["reused"] * 3
 
 
 def test_killed_build_resumes_and_prune_cleans_leftovers(tiny_model, data_files, tmp_path):
+    from test_cli import run_cli
+    from test_crash import KILL
+
     cache = tmp_path / "cache"
-    # long enough to be killed after a checkpoint (every 5 steps), before it ends
-    slow = {"cache.dir": cache, "cpt.max_steps": 120, "cpt.gradient_accumulation_steps": 1, "cpt.save_steps": 5,
+    # a checkpoint every 5 steps; SIGKILL (no cleanup runs) the moment the second one starts being written, so the
+    # first is complete and the second half-written, whatever the machine's speed
+    slow = {"cache.dir": cache, "cpt.max_steps": 12, "cpt.gradient_accumulation_steps": 1, "cpt.save_steps": 5,
             "stages": "[cpt]"}
-    args = tiny_overrides(tiny_model, data_files, **slow, **{"hydra.run.dir": tmp_path / "killed"})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        saved = "*.build/trainer/checkpoint-*/trainer_state.json"  # written last: the checkpoint is complete
-        while time.time() < deadline and not list((cache / "cpt").glob(saved)):
-            time.sleep(0.2)
-        assert list((cache / "cpt").glob(saved)), "CPT never saved a checkpoint"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a real kill: maybe in the middle of the next save
-        proc.wait()
+    killed = run_cli(tiny_overrides(tiny_model, data_files, **slow, **{"hydra.run.dir": tmp_path / "killed"}),
+                     prelude=KILL, env={"KILL_ON_WRITE": r"\.build/trainer/checkpoint-10/"})
+    assert killed.returncode == -9, f"the kill point was never reached: {killed.stderr[-2000:]}"
+    assert list((cache / "cpt").glob("*.build/trainer/checkpoint-5/trainer_state.json"))
     leftovers = list((cache / "cpt").glob("*.build"))
     assert len(leftovers) == 1 and not is_complete(leftovers[0])
     assert [r["state"] for r in list_entries(cache)] == ["building or interrupted (resumed by the next build)"]
@@ -107,7 +106,7 @@ def test_killed_build_resumes_and_prune_cleans_leftovers(tiny_model, data_files,
                          tmp_path / "again")
     assert again["stage/cpt"] == "built"
     stats = json.loads((tmp_path / "again" / "cpt_adapter" / "cpt_stats.json").read_text())
-    assert stats["resumed_from_step"] >= 5 and stats["steps"] == 120
+    assert stats["resumed_from_step"] == 5 and stats["steps"] == 12
     assert [r["state"] for r in list_entries(cache)] == ["complete"]
 
     # leftovers of killed builds (atomic `.tmp-*` and resumable `.build`) go with any prune

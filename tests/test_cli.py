@@ -13,12 +13,20 @@ from conftest import tiny_overrides, write_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def user_env(**extra) -> dict:
+    """A user's shell: without the offline variables that importing `pipeline` put into this test process (the
+    pipeline must set them itself), with extra variables on top."""
+    from pipeline import _OFFLINE
+
+    return {**{k: v for k, v in os.environ.items() if k not in _OFFLINE}, **extra}
+
+
 def run_cli(args, cwd=ROOT, prelude=None, timeout=300, env=None):
     cmd = [sys.executable, "-m", "pipeline.run", *map(str, args)]
     if prelude:  # run code (e.g. an audit hook) in the same interpreter before the pipeline starts
         cmd = [sys.executable, "-c", f"{prelude}\nimport runpy, sys\nsys.argv = {cmd[2:]!r}\n"
                                      "runpy.run_module('pipeline.run', run_name='__main__')"]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    env = user_env(HYDRA_FULL_ERROR="0", **(env or {}))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -70,14 +78,36 @@ sys.addaudithook(_no_network)
 """
 
 
-def test_full_run_opens_no_network_connection(tiny_model, data_files, tmp_path):
-    """An audit hook makes any connect/DNS lookup fail loudly; the whole chain must still succeed."""
+def test_importing_pipeline_makes_the_process_offline():
+    """Every entry point imports `pipeline` first; that alone must switch the Hugging Face libraries offline, even
+    from a shell that says otherwise."""
+    from pipeline import _OFFLINE
+
+    code = ("import json, os\nimport pipeline\nimport huggingface_hub.constants as hub\n"
+            "print(json.dumps({'env': {k: os.environ.get(k) for k in pipeline._OFFLINE}, 'hub': hub.HF_HUB_OFFLINE}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=user_env(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen == {"env": _OFFLINE, "hub": True}
+
+
+def test_every_stage_opens_no_network_connection(tiny_model, data_files, tmp_path):
+    """An audit hook makes any connect/DNS lookup fail loudly; every stage (chat vector, judge, general QA and
+    held-out text included) must still succeed. Its own empty cache: every stage runs here, none is a cache hit of
+    an earlier test, and the process gets a user's environment, not this test process's offline variables."""
     audit_log = tmp_path / "network.log"
-    r = run_cli(tiny_overrides(tiny_model, data_files, **{"hydra.run.dir": tmp_path / "run", "debug": "true"}),
-                prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
+    r = run_cli(tiny_overrides(tiny_model, data_files, **{
+        "hydra.run.dir": tmp_path / "run", "cache.dir": tmp_path / "cache", "debug": "true",
+        "stages": "[cpt,merge,chat_vector,sft,eval]", "model.instruct_path": tiny_model,
+        "eval.judge_path": tiny_model, "data.general_qa.path": data_files["qa"],
+        "data.heldout.path": data_files["cpt"], "eval.max_questions": 2}),
+        prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [metrics[f"stage/{s}"] for s in ("cpt", "merge", "chat_vector", "sft", "eval")] == ["built"] * 5
+    assert metrics["sft/judge"] is not None and metrics["sft/heldout_ppl"] > 1
     # confidentiality: neither the console nor run.log quotes the corpus, the SFT data or the QA answers
     logs = r.stdout + r.stderr + (tmp_path / "run" / "run.log").read_text(encoding="utf-8")
     for secret in ("佐藤健一", "プレス機P-101", "1150度", "東京です", "これはペンです", "始業点検は何分"):
@@ -87,7 +117,7 @@ def test_full_run_opens_no_network_connection(tiny_model, data_files, tmp_path):
 
 def test_sweep_report_tracking_and_cache_commands_open_no_network(tiny_model, data_files, tmp_path):
     """The rest of what a user runs: a sweep with its aggregation, report and MLflow tracking, then the cache
-    commands, all under the same audit hook."""
+    commands, all under the same audit hook, each in a user's environment."""
     audit_log, sweep, cache = tmp_path / "network.log", tmp_path / "sweep", tmp_path / "cache"
     env = {"NETWORK_AUDIT_LOG": str(audit_log)}
     r = run_cli(["-m", *tiny_overrides(tiny_model, data_files, **{
@@ -96,11 +126,14 @@ def test_sweep_report_tracking_and_cache_commands_open_no_network(tiny_model, da
         "eval.max_questions": 1}), "sft.lora_alpha=8,32"], prelude=AUDIT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (sweep / "results.csv").is_file() and (sweep / "report.html").is_file()
-    for command in (["list"], ["prune", "--all"]):
-        c = subprocess.run([sys.executable, "-c", f"{AUDIT}\nimport sys\nfrom pipeline.cache import main\n"
-                            f"sys.exit(main({['--root', str(cache), *command]!r}))"], cwd=ROOT, capture_output=True,
-                           text=True, env={**os.environ, **env}, timeout=120)
+    for module, args in (("pipeline.cache", ["--root", str(cache), "list"]),
+                         ("pipeline.aggregate", [str(sweep)]),  # the aggregation run again by hand
+                         ("pipeline.cache", ["--root", str(cache), "prune", "--all"])):
+        c = subprocess.run([sys.executable, "-c", f"{AUDIT}\nimport runpy, sys\nsys.argv = {[module, *args]!r}\n"
+                            f"runpy.run_module({module!r}, run_name='__main__')"], cwd=ROOT, capture_output=True,
+                           text=True, env=user_env(**env), timeout=120)
         assert c.returncode == 0, c.stderr[-2000:]
+    assert not list(cache.glob("*/*/.complete"))  # the prune ran
     assert not audit_log.exists(), audit_log.read_text()
 
 
