@@ -247,7 +247,8 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
             "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
-            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            # unsloth always checkpoints activations (its own way, pipeline/backend.py); the Trainer's flag is off
+            "gradient_checkpointing": True if backend == "unsloth" else bool(args.gradient_checkpointing),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "added_tokens": tok.convert_ids_to_tokens(new_ids), "added_token_ids": new_ids,
             "embedding_rows": embedding_rows(model),
