@@ -33,8 +33,10 @@ def test_grid_writes_the_sweep_files(grid):
     assert sorted(zip(jobs["sft.lora_alpha"], jobs["sft.target_modules"])) == [
         (8, "attn"), (8, "attn_mlp"), (32, "attn"), (32, "attn_mlp")]
     assert list(jobs["stage/cpt"]).count("built") == 1  # the CPT stage was trained once for the four cells
-    score = jobs["contains"].tolist()  # the SFT model's score on the injected facts (the headline metric)
-    assert score == sorted(score, reverse=True)
+    # best first by the SFT model's score on the injected facts (the headline metric), equal scores in job order
+    # (test_sft_rows_best_first_then_in_job_order has scores that differ)
+    order = [(-score, int(job)) for score, job in zip(jobs["contains"], jobs["job"])]
+    assert order == sorted(order)
     md = (sweep / "results.md").read_text()
     assert "| row" in md and "sft.lora_alpha" in md and "## Columns" in md
     assert "- `gain_kept/logprob`: (SFT − base) ÷ (CPT − base) of logprob" in md
@@ -68,6 +70,25 @@ def test_aggregate_with_a_failed_job(grid, tmp_path):
     row = df[df["job"] == "4"].iloc[0]
     assert row["status"] == "failed" and "does not exist" in row["error"] and row["sft.lora_alpha"] == 64
     assert df.iloc[-1]["job"] == "4"  # failed jobs sort last
+
+
+def test_sft_rows_best_first_then_in_job_order(tmp_path):
+    """results.csv's SFT rows: finished jobs by sft/contains, best first, equal scores in job order (9 before 10,
+    numbers not strings), failed jobs last; the reference rows stay on top."""
+    from pipeline.aggregate import read_jobs, results_table
+
+    for job, sft in [(0, [1, 0, 0, 0]), (1, [1, 1, 1, 0]), (9, [0, 1, 1, 0]), (10, [1, 1, 0, 0])]:
+        fake_job(tmp_path, job, {"sft.lora_alpha": 8 * (job + 1)},
+                 {"base": {"contains": BASE}, "cpt": {"contains": CPT}, "sft": {"contains": sft}})
+    failed = tmp_path / "2"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "overrides.yaml").write_text("- sft.lora_alpha=24\n")
+    (failed / "error.txt").write_text("PipelineError: out of memory\n")
+    df, _ = results_table(read_jobs(tmp_path))
+    assert list(df["row"]) == ["base", "cpt"] + ["sft"] * 5
+    sft = df[df["row"] == "sft"]
+    assert list(sft["job"]) == ["1", "9", "10", "0", "2"]
+    assert list(sft["contains"])[:4] == [0.75, 0.5, 0.5, 0.25]
 
 
 def test_aggregate_of_an_empty_directory(tmp_path, capsys):

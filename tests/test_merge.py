@@ -166,14 +166,18 @@ def test_fan_in_fan_out_layers(tmp_path):
 
 
 def test_lora_on_tied_embeddings_is_refused(tmp_path):
-    """The PEFT trap: LoRA on a tied embed_tokens + lm_head would write both deltas into the one shared tensor."""
+    """The PEFT trap: LoRA on a tied embed_tokens + lm_head would write both deltas into the one shared tensor.
+
+    The adapter is made on an untied twin of the model (same names and shapes) and streamed directly, so that what
+    PEFT itself does with LoRA on tied layers (warn, untie on merge, or refuse) plays no part in the outcome."""
     model_dir = make_tiny_model(tmp_path / "tied", tie=True)
-    adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "embed_tokens", "lm_head"])
+    twin = make_tiny_model(tmp_path / "untied")
+    adapter = save_adapter(twin, tmp_path / "adapter", ["q_proj", "embed_tokens", "lm_head"])
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(PipelineError, match=r"LoRA on lm_head, but the base's head is tied to its embedding"):
-        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
-                      device="cpu")
-    assert not (tmp_path / "merged").exists()
-    assert not list(tmp_path.glob("merged.tmp-*"))  # nothing half-written is left behind
+        stream_merge(model_dir, adapter, out, torch.float32, n_tokens=400)
+    assert not list(out.iterdir())  # refused while planning, before any shard is written
 
 
 def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
@@ -206,6 +210,138 @@ def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, m
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
                       device="cpu")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+
+
+# --- the checks of the saved file, each made to fail for its own reason --------------------------------------------
+
+RELOAD_FAILED = (r"merge check failed: the saved checkpoint's logits differ from the verified merge's by {diff} "
+                 r"\(tolerance [0-9.e-]+\), tied={saved} vs base tied={base}; nothing was published")
+
+
+@pytest.fixture(scope="module")
+def qv_adapter(tmp_path_factory):
+    """An untied tiny model and a LoRA adapter on q_proj and v_proj, for the tests that only read them."""
+    d = tmp_path_factory.mktemp("qv")
+    model_dir = make_tiny_model(d / "m")
+    return model_dir, save_adapter(model_dir, d / "adapter", ["q_proj", "v_proj"])
+
+
+def assert_nothing_published(tmp_path):
+    assert not (tmp_path / "merged").exists()  # no output directory, so no complete one
+    assert not list(tmp_path.glob("merged.tmp-*"))  # and nothing half-written left behind
+
+
+def test_one_perturbed_merged_weight_is_caught(tmp_path, monkeypatch, qv_adapter):
+    """One row of one q_proj weight written 0.01 off (its entries are ~0.02): PEFT's merge, the reference, is right,
+    only the streamed file is wrong, and the reload comparison catches it."""
+    import pipeline.merge
+
+    model_dir, adapter = qv_adapter
+    apply, hit = pipeline.merge._apply, []
+
+    def off_by_a_little(w, edit, adapter_file, key):
+        w = apply(w, edit, adapter_file, key)
+        if key == "model.layers.1.self_attn.q_proj.weight":
+            w[3] += 1e-2
+            hit.append(key)
+        return w
+
+    monkeypatch.setattr(pipeline.merge, "_apply", off_by_a_little)
+    with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="[0-9.e-]+", saved="False", base="False")):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
+    assert hit == ["model.layers.1.self_attn.q_proj.weight"]
+    assert_nothing_published(tmp_path)
+
+
+@pytest.mark.parametrize("save_dtype", ["float32", "bfloat16"])
+def test_a_perturbed_embedding_row_outside_the_check_sample_is_caught(tmp_path, monkeypatch, qv_adapter, save_dtype):
+    """An untied model's input-embedding row acts only where its token occurs, so the logits over the check sample
+    cannot see a wrong row of a token outside it: those rows are compared directly."""
+    import pipeline.merge
+    from pipeline.common import load_tokenizer
+
+    model_dir, adapter = qv_adapter
+    sample = set(pipeline.merge.check_sample(load_tokenizer(adapter), MergeConfig().check_tokens)[0].tolist())
+    row = max(set(range(len(load_tokenizer(adapter)))) - sample)  # a token the logit check never looks up
+    apply = pipeline.merge._apply
+
+    def one_row_off(w, edit, adapter_file, key):
+        w = apply(w, edit, adapter_file, key)
+        if key == "model.embed_tokens.weight":
+            w[row] += 0.05  # a quarter of the row's typical size, far beyond rounding
+        return w
+
+    monkeypatch.setattr(pipeline.merge, "_apply", one_row_off)
+    with pytest.raises(PipelineError, match=rf"merge check failed: the saved checkpoint's 1 row\(s\) of the input "
+                                            rf"embeddings \(token ids \[{row}\]\) differ from the verified merge's"):
+        merge_adapter(MergeConfig(save_dtype=save_dtype), ModelConfig(path=str(model_dir)), adapter,
+                      tmp_path / "merged", device="cpu")
+    assert_nothing_published(tmp_path)
+    monkeypatch.undo()  # the same merge, unperturbed, passes the row comparison of every row
+    merge_adapter(MergeConfig(save_dtype=save_dtype), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
+                  device="cpu")
+    check = json.loads((tmp_path / "merged" / "merge_check.json").read_text())
+    assert check["embedding_rows_compared"] == len(load_tokenizer(adapter))
+
+
+def _drop_from_output(stream, key):
+    """stream_merge, except that `key` never reaches the output shard (a tensor lost on the way to the file)."""
+    def dropped(base_path, adapter_dir, out_dir, *args, **kw):
+        info = stream(base_path, adapter_dir, out_dir, *args, **kw)
+        file = out_dir / "model.safetensors"
+        tensors = load_file(file)
+        del tensors[key]
+        save_file(tensors, file, metadata={"format": "pt"})
+        return info
+    return dropped
+
+
+def _reload_the_base(load, base):
+    """_load_fp32, except that the saved checkpoint's reload reads the base model instead (a wrong path)."""
+    def wrong(path, *args, **kw):
+        return load(base if ".tmp-" in str(path) else path, *args, **kw)
+    return wrong
+
+
+@pytest.mark.parametrize("breakage", ["tensor missing from the shard", "reload reads the base"])
+def test_a_broken_reload_is_caught(tmp_path, monkeypatch, qv_adapter, breakage):
+    """The saved checkpoint does not load as the merge that was verified: a tensor the file lacks (transformers
+    initialises it at random), or a loader that reads another checkpoint. The reload comparison catches both."""
+    import pipeline.merge
+
+    model_dir, adapter = qv_adapter
+    if breakage == "tensor missing from the shard":
+        monkeypatch.setattr(pipeline.merge, "stream_merge",
+                            _drop_from_output(pipeline.merge.stream_merge, "model.layers.0.mlp.down_proj.weight"))
+    else:
+        monkeypatch.setattr(pipeline.merge, "_load_fp32", _reload_the_base(pipeline.merge._load_fp32, model_dir))
+    with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="[0-9.e-]+", saved="False", base="False")):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
+    assert_nothing_published(tmp_path)
+
+
+def test_a_tied_base_saved_untied_is_caught(tmp_path, monkeypatch):
+    """A tied base whose saved checkpoint comes out untied: the head stored as its own tensor (with the embedding's
+    values, so every logit is the same) and tie_word_embeddings=false. Only the tied/untied check can catch it."""
+    import pipeline.merge
+
+    model_dir = make_tiny_model(tmp_path / "tied", tie=True)
+    adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
+    stream = pipeline.merge.stream_merge
+
+    def untied(base_path, adapter_dir, out_dir, *args, **kw):
+        info = stream(base_path, adapter_dir, out_dir, *args, **kw)
+        tensors = load_file(out_dir / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((out_dir / "config.json").read_text())
+        (out_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+        return info
+
+    monkeypatch.setattr(pipeline.merge, "stream_merge", untied)
+    with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="0", saved="False", base="True")):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
+    assert_nothing_published(tmp_path)
 
 
 def test_good_merge_in_bfloat16_reports_drift(tmp_path):

@@ -53,23 +53,61 @@ def test_all_stages(tiny_model, data_files, tmp_path):
     assert cpt_stats["modules_to_save"] == ["embed_tokens", "lm_head"]  # the default attn_mlp_embed
 
 
+# Each question's transition from whether the base, CPT and SFT answers contain the gold answer (README,
+# "transitions/<kind>"): the base knew it; else CPT taught it and SFT kept or lost it; else SFT alone has it, or none.
+TRANSITION_OF = {(True, False, False): "known_before", (True, False, True): "known_before",
+                 (True, True, False): "known_before", (True, True, True): "known_before",
+                 (False, True, True): "learned_kept", (False, True, False): "learned_lost",
+                 (False, False, False): "not_learned", (False, False, True): "sft_only"}
+
+
+@torch.no_grad()
+def word_logprob(model, tok, prompt, word):
+    """log P(word | prompt) summed over the word's tokens, the trailing space of the prompt moved to the word (as
+    eval scores answers): the judge's quantity, computed here on its own, one unpadded sequence at a time."""
+    context = prompt.rstrip(" ")
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + prompt[len(context):] + word)["input_ids"]
+    assert whole[:len(ctx)] == ctx
+    logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
 def test_forgetting_measurements(tiny_model, data_files, tmp_path):
     """General-knowledge QA, held-out perplexity, transitions, format and a local judge, all in one run."""
+    from pipeline.scoring import contains
+
     cfg = compose_cfg(tiny_overrides(tiny_model, data_files, **{
         "data.general_qa.path": data_files["qa"], "data.heldout.path": data_files["cpt"],
         "eval.expected_format": "'.{1,30}'", "eval.judge_path": tiny_model}))
     m = run_pipeline(cfg, tmp_path)
     for kind in ("base", "cpt", "sft"):
         assert 0 <= m[f"{kind}/general_contains"] <= 1 and m[f"{kind}/heldout_ppl"] > 1
-        assert m[f"{kind}/judge"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert 0 <= m["sft/format_rate"] <= 1 and 0 <= m["sft/repetition_rate"] <= 1
-    counts = [m[f"transitions/{t}"] for t in ("known_before", "learned_kept", "learned_lost", "not_learned",
-                                               "sft_only")]
-    assert sum(counts) == m["n_questions"] == 3
     answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     lost = [json.loads(x) for x in (tmp_path / "lost_questions.jsonl").read_text().splitlines()]
     assert [a["id"] for a in answers if a["transition"] == "learned_lost"] == [x["id"] for x in lost]
     assert "judge" in answers[0]["sft"] and "in_format" in answers[0]["sft"]
+
+    # transitions: each question's from its three answers, and the counts from those
+    expected = []
+    for a in answers:
+        for k in ("base", "cpt", "sft"):
+            assert a[k]["contains"] == contains(a[k]["answer"], a["gold"], a["aliases"]), (k, a["id"])
+        expected.append(TRANSITION_OF[tuple(a[k]["contains"] == 1.0 for k in ("base", "cpt", "sft"))])
+    assert [a["transition"] for a in answers] == expected
+    assert {t: m[f"transitions/{t}"] for t in set(TRANSITION_OF.values())} == {
+        t: expected.count(t) for t in set(TRANSITION_OF.values())}
+
+    # the judge: each answer's verdict recomputed with the judge model, and each model's score their mean
+    judge = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    judge_tok = AutoTokenizer.from_pretrained(tiny_model)
+    for kind in ("base", "cpt", "sft"):
+        for a in answers:
+            prompt = cfg.eval.judge_prompt.format(question=a["question"], gold=a["gold"], answer=a[kind]["answer"])
+            yes, no = (word_logprob(judge, judge_tok, prompt, w) for w in ("はい", "いいえ"))
+            assert a[kind]["judge"] == float(yes > no), (kind, a["id"], yes, no)
+        assert m[f"{kind}/judge"] == pytest.approx(sum(a[kind]["judge"] for a in answers) / len(answers))
 
 
 def test_prefix_then_rest_from_inputs(tiny_model, data_files, tmp_path):
