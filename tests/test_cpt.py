@@ -61,7 +61,7 @@ def test_lazy_packing_equals_eager_packing_epoch_by_epoch(tok, block_len):
         # the dataset serves packing `epoch` as one contiguous run of items, its blocks in a seeded order
         items = [packed[i]["input_ids"].tolist() for i in range(epoch * len(reference), (epoch + 1) * len(reference))]
         assert sorted(items) == sorted(reference)
-    assert len(packed) == 4 * packed.blocks_per_epoch
+    assert len(packed) == 4 * len(reference)  # the dataset is exactly four packings long
     again = PackedEpochs(TokenizedCorpus(DOCS, tok), block_len, seed=42, epochs=4)
     assert all((again[i]["input_ids"] == packed[i]["input_ids"]).all() for i in range(len(packed)))
 
