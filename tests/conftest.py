@@ -89,7 +89,8 @@ def tiny_overrides(model: Path, data: dict, **extra) -> list:
     """
     base = {
         "cache.dir": Path(data["cpt"]).parent / "cache",
-        "model.path": model, "model.build_demo_if_missing": "false", "model.max_seq_length": 32,
+        # CPT blocks of 32 tokens; SFT records up to 96, so every fixture record's answer and EOS are trained
+        "model.path": model, "model.build_demo_if_missing": "false", "model.max_seq_length": 32, "sft.max_length": 96,
         "data.cpt.path": data["cpt"], "data.sft.path": data["sft"], "data.qa.path": data["qa"],
         "cpt.max_steps": 3, "sft.max_steps": 3, "cpt.batch_size": 2, "sft.batch_size": 2,
         "cpt.r": 4, "sft.r": 4, "eval.max_new_tokens": 6, "device": "cpu",
