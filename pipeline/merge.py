@@ -355,6 +355,23 @@ def _apply(w: torch.Tensor, edit: Optional[_Edit], adapter_file: Path, key: str)
     return w
 
 
+def merge_plan(base_path, adapter_dir, trust_remote_code: bool = False) -> tuple:
+    """(base tensor name -> file, tensor name -> the adapter's edit, the names whose rows grow with added tokens),
+    from the safetensors headers and the model's architecture on the meta device: no weight is read. The adapter's
+    own problems (LoRA on a tied head, DoRA, a tensor the merge would not use) are refused here."""
+    model = meta_model(str(base_path), trust_remote_code)
+    modules = {m: n for n, m in model.named_modules()}
+    embed_key = modules[model.get_input_embeddings()] + ".weight"
+    head = model.get_output_embeddings()
+    tied = is_tied(model)
+    head_key = modules[head] + ".weight" if head is not None else None
+    files = base_weight_files(base_path)
+    if tied and head_key in files:
+        del files[head_key]  # transformers ties it on load; writing it would store the embedding twice
+    return files, adapter_edits(adapter_dir, model, files), {embed_key} | ({head_key} if head_key and not tied
+                                                                           else set())
+
+
 def stream_merge(base_path, adapter_dir, out_dir, save_dtype: torch.dtype, n_tokens: int, new_ids=(),
                  trust_remote_code: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write base + adapter (merged in fp32, stored in `save_dtype`) as a safetensors checkpoint in `out_dir`, with the
@@ -363,18 +380,7 @@ def stream_merge(base_path, adapter_dir, out_dir, save_dtype: torch.dtype, n_tok
     from transformers import AutoConfig
 
     base_path, out_dir = Path(base_path), Path(out_dir)
-    model = meta_model(str(base_path), trust_remote_code)
-    modules = {m: n for n, m in model.named_modules()}
-    embed_key = modules[model.get_input_embeddings()] + ".weight"
-    head = model.get_output_embeddings()
-    tied = is_tied(model)
-    head_key = modules[head] + ".weight" if head is not None else None
-    grow = {embed_key} | ({head_key} if head_key and not tied else set())
-
-    files = base_weight_files(base_path)
-    if tied and head_key in files:
-        del files[head_key]  # transformers ties it on load; writing it would store the embedding twice
-    edits = adapter_edits(adapter_dir, model, files)
+    files, edits, grow = merge_plan(base_path, adapter_dir, trust_remote_code)
     adapter_file = Path(adapter_dir) / ADAPTER_FILE
 
     # The plan first (shapes only), so that shard names carry their count and no shard exceeds shard_bytes.
@@ -534,6 +540,7 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     ids = check_sample(tok, cfg.check_tokens, extra_ids=new_ids)
     save_dtype = _save_dtype(cfg.save_dtype, model_cfg.path, model_cfg.trust_remote_code)
     quantized = bool(stats.get("load_in_4bit"))  # CPT trained on a 4-bit copy of the base (QLoRA)
+    merge_plan(model_cfg.path, adapter_dir, model_cfg.trust_remote_code)  # an adapter it cannot merge: before loading
 
     ref = _reference(model_cfg, adapter_dir, vocab, ids, dev, save_dtype, quantized)
     _release(dev)

@@ -165,19 +165,31 @@ def test_fan_in_fan_out_layers(tmp_path):
     assert_same_tensors(out, peft_merged(model_dir, adapter))
 
 
-def test_lora_on_tied_embeddings_is_refused(tmp_path):
+def test_lora_on_tied_embeddings_is_refused(tmp_path, monkeypatch):
     """The PEFT trap: LoRA on a tied embed_tokens + lm_head would write both deltas into the one shared tensor.
 
     The adapter is made on an untied twin of the model (same names and shapes) and streamed directly, so that what
     PEFT itself does with LoRA on tied layers (warn, untie on merge, or refuse) plays no part in the outcome."""
+    import pipeline.merge
+
     model_dir = make_tiny_model(tmp_path / "tied", tie=True)
     twin = make_tiny_model(tmp_path / "untied")
     adapter = save_adapter(twin, tmp_path / "adapter", ["q_proj", "embed_tokens", "lm_head"])
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(PipelineError, match=r"LoRA on lm_head, but the base's head is tied to its embedding"):
+    refused = r"LoRA on lm_head, but the base's head is tied to its embedding"
+    with pytest.raises(PipelineError, match=refused):
         stream_merge(model_dir, adapter, out, torch.float32, n_tokens=400)
     assert not list(out.iterdir())  # refused while planning, before any shard is written
+
+    # the stage refuses it before the verification loads any model
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the adapter was refused")
+
+    monkeypatch.setattr(pipeline.merge, "_load_fp32", no_loading)
+    with pytest.raises(PipelineError, match=refused):
+        merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
+    assert_nothing_published(tmp_path)
 
 
 def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
