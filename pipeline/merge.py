@@ -597,8 +597,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
             "save_dtype": str(save_dtype).replace("torch.", ""), "save_dtype_logit_drift": cast_drift,
             "reload_max_abs_logit_diff": file_diff,
             "saved_vs_adapter_max_abs_logit_diff": (saved_logits - ref["reference"]).abs().max().item(),
-            "tied_embeddings": ref["tied"], "vocab_rows": rows,
-            "embedding_rows_compared": None if ref["tied"] else rows,  # untied: every input row (embedding_mismatch) "shards": info["shards"],
+            "tied_embeddings": ref["tied"], "vocab_rows": rows, "shards": info["shards"],
+            "embedding_rows_compared": None if ref["tied"] else rows,  # untied: every input row (embedding_mismatch)
             "edited_tensors": info["edited"], "verified_on": str(dev), "quantized_training_drift": drift,
         })
     return out_dir
