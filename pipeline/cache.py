@@ -7,7 +7,8 @@
 Keys chain: CPT = model identity + CPT data fingerprint + cpt config + seed; merge = CPT key + merge config;
 SFT = merge key + SFT data fingerprint + sft config + seed; eval = SFT key + QA fingerprint + eval config. Each also
 holds the model settings the stage reads and a per-stage version constant (bump it when a stage's code changes what
-it produces). Operational settings (device, logging, output paths, worker counts) never enter a key.
+it produces). Operational settings (device, logging, output paths, worker counts) never enter a key. run.py's
+stage_materials assembles every stage's material before the first stage runs.
 
 A build happens under a file lock, into a temporary directory renamed into place after its completion marker is
 written (common.atomic_output): concurrent jobs wait for one builder, and an interrupted build is never reused as an
