@@ -185,7 +185,13 @@ def test_every_config_key_moves_exactly_its_stages(setup, gpu):
     assert len(checked) >= 80  # every section's schema was walked
 
 
-def test_top_level_keys(setup):
+def test_top_level_keys(setup, monkeypatch):
+    import torch
+
+    import pipeline.run
+
+    # which GPU a run uses is not keyed (only the dtype it resolves to): every device string resolves to the CPU here
+    monkeypatch.setattr(pipeline.run, "resolve_device", lambda device: torch.device("cpu"))
     cfg, _, _, _ = setup
     before = keys(cfg)
     for key in cfg:
@@ -195,7 +201,7 @@ def test_top_level_keys(setup):
         expected = TOP_LEVEL[key]
         if expected is None:
             continue
-        new = {"seed": 43, "device": "cpu", "cache": {"enabled": True, "dir": "/elsewhere"}, "debug": True,
+        new = {"seed": 43, "device": "cuda:1", "cache": {"enabled": True, "dir": "/elsewhere"}, "debug": True,
                "log_examples": True}[key]
         got = changed(before, keys(with_value(cfg, key, new)))
         assert got == expected, f"{key} changed {sorted(got)}, expected {sorted(expected)}"
