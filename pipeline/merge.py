@@ -373,14 +373,15 @@ def merge_plan(base_path, adapter_dir, trust_remote_code: bool = False) -> tuple
 
 
 def stream_merge(base_path, adapter_dir, out_dir, save_dtype: torch.dtype, n_tokens: int, new_ids=(),
-                 trust_remote_code: bool = False, shard_bytes: int = SHARD_BYTES) -> dict:
+                 trust_remote_code: bool = False, shard_bytes: int = SHARD_BYTES, plan: Optional[tuple] = None) -> dict:
     """Write base + adapter (merged in fp32, stored in `save_dtype`) as a safetensors checkpoint in `out_dir`, with the
-    base's config (vocabulary grown to `n_tokens`) and generation config. Returns what was done, for the report."""
+    base's config (vocabulary grown to `n_tokens`) and generation config. Returns what was done, for the report.
+    `plan`: merge_plan's result, when the caller has it already."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
     base_path, out_dir = Path(base_path), Path(out_dir)
-    files, edits, grow = merge_plan(base_path, adapter_dir, trust_remote_code)
+    files, edits, grow = plan or merge_plan(base_path, adapter_dir, trust_remote_code)
     adapter_file = Path(adapter_dir) / ADAPTER_FILE
 
     # The plan first (shapes only), so that shard names carry their count and no shard exceeds shard_bytes.
@@ -509,7 +510,7 @@ def embedding_mismatch(saved, reference: torch.Tensor, save_dtype: torch.dtype) 
     if tuple(w.shape) != tuple(reference.shape):
         return f"input embeddings of shape {tuple(w.shape)}, the verified merge's are {tuple(reference.shape)}"
     eps = torch.finfo(save_dtype).eps
-    floor = eps * reference.float().abs().max().item() / 256  # for entries at or near zero
+    floor = eps * reference.abs().max().float().item() / 256  # for entries at or near zero
     bad_rows, worst = [], 0.0
     for start in range(0, w.shape[0], 4096):
         ref = reference[start:start + 4096].float()
@@ -540,7 +541,7 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     ids = check_sample(tok, cfg.check_tokens, extra_ids=new_ids)
     save_dtype = _save_dtype(cfg.save_dtype, model_cfg.path, model_cfg.trust_remote_code)
     quantized = bool(stats.get("load_in_4bit"))  # CPT trained on a 4-bit copy of the base (QLoRA)
-    merge_plan(model_cfg.path, adapter_dir, model_cfg.trust_remote_code)  # an adapter it cannot merge: before loading
+    plan = merge_plan(model_cfg.path, adapter_dir, model_cfg.trust_remote_code)  # refusals before any model loads
 
     ref = _reference(model_cfg, adapter_dir, vocab, ids, dev, save_dtype, quantized)
     _release(dev)
@@ -558,7 +559,8 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
     cast_drift = (ref["stored"] - ref["reference"]).abs().max().item()
 
     with atomic_output(out_dir) as tmp:
-        info = stream_merge(model_cfg.path, adapter_dir, tmp, save_dtype, *vocab, model_cfg.trust_remote_code)
+        info = stream_merge(model_cfg.path, adapter_dir, tmp, save_dtype, *vocab, model_cfg.trust_remote_code,
+                            plan=plan)
         tok.save_pretrained(tmp)  # the adapter's tokenizer: added tokens and the chat template
         saved = _load_fp32(tmp, dev, model_cfg.trust_remote_code)
         saved_logits, saved_tied, rows = _logits(saved, ids, dev), is_tied(saved), embedding_rows(saved)

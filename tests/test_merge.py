@@ -194,6 +194,19 @@ def test_lora_on_tied_embeddings_is_refused(tmp_path, monkeypatch):
     assert_nothing_published(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def qv_adapter(tmp_path_factory):
+    """An untied tiny model and a LoRA adapter on q_proj and v_proj, for the tests that only read them."""
+    d = tmp_path_factory.mktemp("qv")
+    model_dir = make_tiny_model(d / "m")
+    return model_dir, save_adapter(model_dir, d / "adapter", ["q_proj", "v_proj"])
+
+
+def assert_nothing_published(tmp_path):
+    assert not (tmp_path / "merged").exists()  # no output directory, so no complete one
+    assert not list(tmp_path.glob("merged.tmp-*"))  # and nothing half-written left behind
+
+
 def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
     """A lora_B that diverged (NaN) in training: the adapter model itself is broken."""
     model_dir = make_tiny_model(tmp_path / "m")
@@ -207,15 +220,14 @@ def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
                                             r"merge.rel_logit_diff 0.0001 x max\|logit\| nan\)"):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
                       device="cpu")
-    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+    assert_nothing_published(tmp_path)
 
 
-def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, monkeypatch):
+def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, monkeypatch, qv_adapter):
     """The saved file is checked against PEFT's merge: here the streaming merge scales every LoRA update twice."""
     import pipeline.merge
 
-    model_dir = make_tiny_model(tmp_path / "m")
-    adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
+    model_dir, adapter = qv_adapter
     scaling = pipeline.merge._lora_scaling
     monkeypatch.setattr(pipeline.merge, "_lora_scaling", lambda config, module: 2 * scaling(config, module))
     with pytest.raises(PipelineError, match=r"merge check failed: the saved checkpoint's logits differ from the "
@@ -223,26 +235,13 @@ def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, m
                                             r"base tied=False; nothing was published"):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged",
                       device="cpu")
-    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob("merged.tmp-*"))
+    assert_nothing_published(tmp_path)
 
 
 # --- the checks of the saved file, each made to fail for its own reason --------------------------------------------
 
 RELOAD_FAILED = (r"merge check failed: the saved checkpoint's logits differ from the verified merge's by {diff} "
                  r"\(tolerance [0-9.e-]+\), tied={saved} vs base tied={base}; nothing was published")
-
-
-@pytest.fixture(scope="module")
-def qv_adapter(tmp_path_factory):
-    """An untied tiny model and a LoRA adapter on q_proj and v_proj, for the tests that only read them."""
-    d = tmp_path_factory.mktemp("qv")
-    model_dir = make_tiny_model(d / "m")
-    return model_dir, save_adapter(model_dir, d / "adapter", ["q_proj", "v_proj"])
-
-
-def assert_nothing_published(tmp_path):
-    assert not (tmp_path / "merged").exists()  # no output directory, so no complete one
-    assert not list(tmp_path.glob("merged.tmp-*"))  # and nothing half-written left behind
 
 
 def test_one_perturbed_merged_weight_is_caught(tmp_path, monkeypatch, qv_adapter):
