@@ -44,7 +44,7 @@ def make_tiny_model(out: Path, tie: bool = False, chat_template: bool = True, mo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.demo_model import CHAT_TEMPLATE, train_tokenizer
+    from pipeline.demo_model import train_tokenizer
 
     texts = CORPUS + [m["content"] for r in SFT if "messages" in r for m in r["messages"]] + [q["question"] for q in QA]
     tok = train_tokenizer(texts * 3, vocab_size=400)

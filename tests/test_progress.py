@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from conftest import tiny_overrides
-from pipeline.progress import CONSOLE, ConsoleFilter, ConsoleFormatter, attach_progress, loss_history
+from pipeline.progress import ConsoleFilter, ConsoleFormatter, attach_progress, loss_history
 from test_cli import run_cli
 
 

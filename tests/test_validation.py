@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import QA, SFT, tiny_overrides, write_jsonl
+from conftest import QA, tiny_overrides, write_jsonl
 from pipeline.run import run_and_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
