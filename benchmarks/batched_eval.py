@@ -19,10 +19,10 @@ sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402,F401  (offline environment)
 import torch  # noqa: E402
 
-from pipeline.common import load_model, load_tokenizer  # noqa: E402
-from pipeline.config import EvalConfig  # noqa: E402
-from pipeline.data import load_qa  # noqa: E402
-from pipeline.eval import generate  # noqa: E402
+from pipeline.core.checkpoints import load_model, load_tokenizer
+from pipeline.core.config import EvalConfig
+from pipeline.core.data import load_qa
+from pipeline.stages.eval import generate
 
 
 def main() -> None:

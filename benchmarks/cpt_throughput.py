@@ -5,7 +5,7 @@
 Builds a random Llama (about 30M parameters at the defaults) with a byte-level BPE tokenizer trained on the demo
 corpus (data/cpt), then trains the same CPT adapter for the same number of optimizer steps twice, fp32 on the CPU:
 
-- the stage itself, `pipeline.cpt.train_cpt` (HF Trainer, checkpoints off): tokens/s from its cpt_stats.json;
+- the stage itself, `pipeline.stages.cpt.train_cpt` (HF Trainer, checkpoints off): tokens/s from its cpt_stats.json;
 - a bare loop: the same blocks (PackedEpochs + collate_blocks, in the same order), the same LoRA (backend.add_lora,
   same seed), the same AdamW parameter groups, gradient clipping at 1.0 as the Trainer does, nothing else.
 
@@ -30,12 +30,11 @@ sys.path.insert(0, str(ROOT))
 import pipeline  # noqa: E402,F401  (offline environment)
 import torch  # noqa: E402
 
-from pipeline.backend import add_lora, load_for_training  # noqa: E402
-from pipeline.config import CptConfig, DataPath, ModelConfig  # noqa: E402
-from pipeline.cpt import (PackedEpochs, TokenizedCorpus, collate_blocks, packings_needed, param_groups,  # noqa: E402
-                          train_cpt)
-from pipeline.data import load_cpt_documents  # noqa: E402
-from pipeline.modules import resolve_targets  # noqa: E402
+from pipeline.core.backend import add_lora, load_for_training
+from pipeline.core.config import CptConfig, DataPath, ModelConfig
+from pipeline.stages.cpt import PackedEpochs, TokenizedCorpus, collate_blocks, packings_needed, param_groups, train_cpt
+from pipeline.core.data import load_cpt_documents
+from pipeline.core.modules import resolve_targets
 
 
 def build_model(out: Path, docs, hidden: int, layers: int, vocab: int) -> int:
@@ -60,7 +59,7 @@ def bare_loop(cfg: CptConfig, model_cfg: ModelConfig, docs, seed: int) -> dict:
     """What train_cpt trains, without the Trainer: returns tokens/s and the mean loss."""
     from transformers import set_seed
 
-    from pipeline.common import load_tokenizer
+    from pipeline.core.checkpoints import load_tokenizer
 
     tok = load_tokenizer(model_cfg.path)
     set_seed(seed)

@@ -99,7 +99,7 @@ def tiny_model(work: Path) -> Path:
     """--smoke: benchmarks/cpt_throughput.py's random Llama, shrunk to a few seconds of CPU time per stage."""
     from cpt_throughput import build_model
 
-    from pipeline.data import load_cpt_documents
+    from pipeline.core.data import load_cpt_documents
 
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +169,7 @@ def run_cell(spec_file: Path) -> int:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from pipeline.common import resolve_device
+    from pipeline.core.devices import resolve_device
     from pipeline.run import run_pipeline
 
     result: dict = {"stages": {}}

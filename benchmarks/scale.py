@@ -102,7 +102,7 @@ def run_stage(root: Path, run_dir: Path, overrides: list, log: Path) -> dict:
 
 def import_baseline(root: Path) -> int:
     """Peak RSS of a process that only imports what a stage imports: the part of every peak no model causes."""
-    code = "import pipeline.run, pipeline.cpt, pipeline.merge, pipeline.sft, pipeline.eval, peft, trl"
+    code = "import pipeline.run, pipeline.stages.cpt, pipeline.stages.merge, pipeline.stages.sft, pipeline.stages.eval, peft, trl"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)

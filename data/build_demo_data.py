@@ -1002,7 +1002,7 @@ def main():
         assert r["answer"] in cpt_all, r
         assert r["question"] in [render(t, f) for t in RELATIONS[f["relation"]]["questions"]], r
         assert len(r["answer"]) <= 12, r
-    # (2b) the short-question pairs never repeat a QA-set question (pipeline/mixing.py refuses that at run time too)
+    # (2b) the short-question pairs never repeat a QA-set question (pipeline/core/mixing.py refuses that at run time too)
     qa_stems = {r["question"].rstrip("？") for r in qa_rows}
     for r in short_rows:
         assert r["question"].rstrip("？") not in qa_stems, r

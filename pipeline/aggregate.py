@@ -38,10 +38,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra.experimental.callback import Callback
 
-from .common import PipelineError
-from .config import EvalConfig
-from .eval import GAIN_TOLERANCE, MODEL_NAMES, gain_threshold
-from .report import write_report
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import EvalConfig
+from pipeline.stages.eval import GAIN_TOLERANCE, MODEL_NAMES, gain_threshold
+from pipeline.sweep.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -840,7 +840,7 @@ def aggregate(sweep_dir: str | Path, baseline: Optional[str] = None) -> Path:
     heatmaps(df, keys, sweep_dir, _headline(jobs))
     answer_sheet(jobs, keys, sweep_dir / "answers.md")
     write_report(sweep_dir, jobs, df, keys, sorted(sweep_dir.glob("heatmap_*.png")) + sorted(
-        sweep_dir.glob("differences.png")))  # report.html (pipeline/report.py)
+        sweep_dir.glob("differences.png")))  # report.html (pipeline/sweep/report.py)
     log.info("sweep results: %s (%d jobs, %d ok)", sweep_dir / "results.md", len(jobs),
              sum(j["status"] == "ok" for j in jobs))
     return sweep_dir / "results.csv"

@@ -11,8 +11,8 @@ it produces). Operational settings (device, logging, output paths, worker counts
 stage_materials assembles every stage's material before the first stage runs.
 
 A build happens under a file lock, into a temporary directory renamed into place after its completion marker is
-written (common.atomic_output): concurrent jobs wait for one builder, and an interrupted build is never reused as an
-output. CPT and SFT build in `<key>.build/` (common.resumable_output), whose trainer checkpoints the next build of
+written (outputs.atomic_output): concurrent jobs wait for one builder, and an interrupted build is never reused as an
+output. CPT and SFT build in `<key>.build/` (outputs.resumable_output), whose trainer checkpoints the next build of
 the same key resumes from.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Tuple
 
-from .common import COMPLETE_MARKER, is_complete
+from pipeline.core.outputs import COMPLETE_MARKER, is_complete
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from typing import List
 
 import torch
 
-from .common import PipelineError, atomic_output, training_arguments, write_json
-from .progress import CONSOLE, attach_progress
-from .config import DemoBuildConfig, LoraStageConfig
+from pipeline.core.outputs import PipelineError, atomic_output, write_json
+from pipeline.core.training import training_arguments
+from pipeline.core.progress import CONSOLE, attach_progress
+from pipeline.core.config import DemoBuildConfig, LoraStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ CHAT_TEMPLATE = (
 
 def read_documents(paths: List[str]) -> List[str]:
     """Documents separated by blank lines in .txt files; the text fields of .jsonl (SFT) records."""
-    from .data import iter_jsonl
+    from pipeline.core.data import iter_jsonl
 
     docs: List[str] = []
     for p in map(Path, paths):
@@ -108,7 +109,7 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
-    from .cpt import collate_blocks, pack_epochs
+    from pipeline.stages.cpt import collate_blocks, pack_epochs
 
     out_dir = Path(out_dir)
     t0 = time.time()
@@ -178,10 +179,10 @@ def build_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, out_di
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from .cache import fingerprint_model
-    from .common import load_tokenizer
-    from .data import load_sft_records
-    from .prompts import to_prompt_completion
+    from pipeline.cache import fingerprint_model
+    from pipeline.core.checkpoints import load_tokenizer
+    from pipeline.core.data import load_sft_records
+    from pipeline.core.prompts import to_prompt_completion
 
     out_dir, t0 = Path(out_dir), time.time()
     tok = load_tokenizer(base_dir)
@@ -219,7 +220,7 @@ def ensure_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, path:
 
     from filelock import FileLock
 
-    from .cache import fingerprint_model
+    from pipeline.cache import fingerprint_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +241,7 @@ def main(argv: List[str]) -> None:
     its instruct sibling (the base model is built first if needed)."""
     from hydra import compose, initialize_config_dir
 
-    from .config import typed
+    from pipeline.core.config import typed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     conf_dir = Path(__file__).resolve().parents[1] / "conf"

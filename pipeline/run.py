@@ -27,15 +27,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .backend import activate, check_attn_implementation, resolve_backend, unsloth_blockers
-from .cache import StageCache, fingerprint_model, stage_key
-from .common import (PipelineError, check_4bit_support, check_model_dir, declared_tied, is_complete, is_prequantized,
-                     load_tokenizer, log_examples, resolve_device, resolve_dtype, write_json)
-from .config import DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges, flat_config, typed
-from .eval import TRANSITIONS
-from .progress import CONSOLE, route_library_logs
-from .prompts import chat_template_text
-from .tracking import check as check_tracking, log_run
+from pipeline.core.backend import activate, check_attn_implementation, resolve_backend, unsloth_blockers
+from pipeline.cache import StageCache, fingerprint_model, stage_key
+from pipeline.core.outputs import PipelineError, is_complete, log_examples, write_json
+from pipeline.core.devices import check_4bit_support, resolve_device, resolve_dtype
+from pipeline.core.checkpoints import check_model_dir, declared_tied, is_prequantized, load_tokenizer
+from pipeline.core.config import (DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges,
+                                  flat_config, typed)
+from pipeline.stages.eval import TRANSITIONS
+from pipeline.core.progress import CONSOLE, route_library_logs
+from pipeline.core.prompts import chat_template_text
+from pipeline.core.tracking import check as check_tracking, log_run
 
 log = logging.getLogger("pipeline.run")
 
@@ -60,7 +62,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()  # per-load "Loading weights" bars; training progress stays
     datasets.disable_progress_bars()
-    route_library_logs()  # their messages into run.log, not onto the console (pipeline/progress.py)
+    route_library_logs()  # their messages into run.log, not onto the console (pipeline/core/progress.py)
 
 
 def _stage_list(cfg: DictConfig) -> list:
@@ -89,13 +91,13 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training.
 
-    Order: the config itself (types and the ranges declared in pipeline/config.py), the model directory, every data
+    Order: the config itself (types and the ranges declared in pipeline/core/config.py), the model directory, every data
     file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
-    from .data import load_cpt_documents, load_qa, load_sft_records
-    from .chat_vector import check_instruct
-    from .mixing import check_lever_inputs
-    from .modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_layers, resolve_targets
-    from .scoring import HEADLINE_METRICS
+    from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
+    from pipeline.stages.chat_vector import check_instruct
+    from pipeline.core.mixing import check_lever_inputs
+    from pipeline.core.modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_layers, resolve_targets
+    from pipeline.core.scoring import HEADLINE_METRICS
 
     sections = {name: typed(cfg, name) for name in SECTIONS}
     for name, section in sections.items():
@@ -246,8 +248,8 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
     module's key_material, next to the code that reads them), the model settings it uses, and the identity of each
     stage output it builds on: that stage's key when it runs here, else the fingerprint of the inputs.* directory.
     tests/test_cache_keys.py changes every config key and input file and checks which keys follow."""
-    from . import chat_vector, cpt, sft
-    from . import eval as evaluation
+    from pipeline.stages import chat_vector, cpt, sft
+    from pipeline.stages import eval as evaluation
 
     model_cfg, data_cfg, seed = typed(cfg, "model"), typed(cfg, "data"), int(cfg.seed)
     materials: Dict[str, dict] = {}
@@ -299,9 +301,9 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
-    from . import chat_vector, cpt, merge, sft
-    from . import eval as evaluation
-    from .demo_model import ensure_demo_instruct_model, ensure_demo_model
+    from pipeline.stages import chat_vector, cpt, merge, sft
+    from pipeline.stages import eval as evaluation
+    from pipeline.demo_model import ensure_demo_instruct_model, ensure_demo_model
 
     seed, device = int(cfg.seed), str(cfg.device)
     log_examples(bool(cfg.get("log_examples", False)))

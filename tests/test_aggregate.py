@@ -124,7 +124,7 @@ def test_cells_with_one_seed_get_question_intervals(grid):
 def fake_job(sweep, job, overrides, scores, ids=None, min_gain=0.02):
     """A finished job: overrides.yaml, answers.jsonl and metrics.json computed by eval.summarize from per-question
     `scores` ({model: {"contains": [...], "logprob": [...]}}; exact_match and char_f1 copy contains)."""
-    from pipeline.eval import summarize
+    from pipeline.stages.eval import summarize
 
     d = sweep / str(job)
     (d / ".hydra").mkdir(parents=True)

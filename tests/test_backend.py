@@ -12,12 +12,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import make_tiny_model, tiny_overrides
 from test_pipeline import compose_cfg
-from pipeline import backend as backends
-from pipeline.backend import (resolve_backend, trains_embeddings, unsloth_blockers, unsloth_load_kwargs,
-                              unsloth_peft_kwargs)
-from pipeline.common import PipelineError, declared_tied
-from pipeline.config import ModelConfig
-from pipeline.modules import resolve_targets, token_training
+from pipeline.core import backend as backends
+from pipeline.core.backend import (resolve_backend, trains_embeddings, unsloth_blockers, unsloth_load_kwargs,
+                                   unsloth_peft_kwargs)
+from pipeline.core.outputs import PipelineError
+from pipeline.core.checkpoints import declared_tied
+from pipeline.core.config import ModelConfig
+from pipeline.core.modules import resolve_targets, token_training
 from pipeline.run import run_pipeline, validate
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
@@ -71,7 +72,7 @@ def test_what_unsloth_cannot_train_is_known_before_any_import():
 def test_auto_takes_the_plain_path_for_what_unsloth_cannot_train(monkeypatch, caplog):
     monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
     blockers = ["model.add_special_tokens (...)"]
-    with caplog.at_level("INFO", logger="pipeline.backend"):
+    with caplog.at_level("INFO", logger="pipeline.core.backend"):
         assert resolve_backend("auto", CUDA, blockers) == "hf"
     assert "backend=auto: the plain path, because unsloth cannot run with model.add_special_tokens" in caplog.text
     with pytest.raises(PipelineError, match=r"^backend=unsloth cannot run with model.add_special_tokens \(...\); use "

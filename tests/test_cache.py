@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import tiny_overrides
 from pipeline.cache import StageCache, list_entries, main as cache_main, prune, stage_key
-from pipeline.common import atomic_output, is_complete
+from pipeline.core.outputs import atomic_output, is_complete
 from pipeline.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

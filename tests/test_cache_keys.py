@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from conftest import QA, SFT, tiny_overrides, write_jsonl
 from pipeline.cache import stage_key
-from pipeline.config import SECTIONS
+from pipeline.core.config import SECTIONS
 from pipeline.run import stage_materials
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline.common import PipelineError
-from pipeline.config import SECTIONS, CptConfig, SftConfig, check_ranges, typed
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import SECTIONS, CptConfig, SftConfig, check_ranges, typed
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "data", "cpt", "merge", "sft", "eval"]
@@ -100,7 +100,7 @@ def test_no_demo_file_in_a_user_run():
     assert [real.data[k].path for k in ("cpt", "sft", "qa")] == ["/d/docs", "/d/sft.jsonl", "/d/qa.jsonl"]
     unset = typed(composed("model=llm_jp_3", "model.path=/m"), "data")  # needed only by the stages that read them
     assert unset.cpt.path is None and unset.qa.path is None
-    from pipeline.data import load_qa
+    from pipeline.core.data import load_qa
 
     with pytest.raises(PipelineError, match=r"^config key data.qa.path: Missing mandatory value; set it on the "
                                             r"command line \(data.qa.path=...\)"):

@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from conftest import CORPUS, tiny_overrides
-from pipeline import common, cpt
-from pipeline.backend import add_lora, check_attn_implementation, keep_fp32_masters, load_for_training
-from pipeline.common import PipelineError, is_complete, resumable_output
-from pipeline.config import CptConfig, DataPath, ModelConfig, SftConfig, check_ranges
-from pipeline.cpt import PackedEpochs, TokenizedCorpus, train_cpt
-from pipeline.modules import resolve_targets
+from pipeline.core import devices, training
+from pipeline.stages import cpt
+from pipeline.core.backend import add_lora, check_attn_implementation, keep_fp32_masters, load_for_training
+from pipeline.core.outputs import PipelineError, is_complete, resumable_output
+from pipeline.core.config import CptConfig, DataPath, ModelConfig, SftConfig, check_ranges
+from pipeline.stages.cpt import PackedEpochs, TokenizedCorpus, train_cpt
+from pipeline.core.modules import resolve_targets
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -145,7 +146,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_model, data_files, tmp_pa
 
 
 def test_a_killed_sft_run_resumes_to_the_same_adapter(tiny_model, data_files, tmp_path, monkeypatch):
-    from pipeline import sft
+    from pipeline.stages import sft
 
     cfg = SftConfig(r=4, max_steps=4, batch_size=1, gradient_accumulation_steps=1, save_steps=2)
     args = (cfg, ModelConfig(path=str(tiny_model), max_seq_length=32), DataPath(path=str(data_files["sft"])),
@@ -184,10 +185,10 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     checkpoint(30, {"best_model_checkpoint": str(tmp_path / "checkpoint-20")})
     checkpoint(40)  # killed while saving: no state yet
     (checkpoint(50) / "trainer_state.json").write_text('{"global_st')  # killed while writing the state
-    assert common.resume_checkpoint(tmp_path) == tmp_path / "checkpoint-30"
+    assert training.resume_checkpoint(tmp_path) == tmp_path / "checkpoint-30"
     # the half-written ones and the superseded one are gone; the best one (early stopping loads it) stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30"]
-    assert common.resume_checkpoint(tmp_path / "nothing-here") is None
+    assert training.resume_checkpoint(tmp_path / "nothing-here") is None
 
 
 def test_resumable_output_keeps_only_checkpoints_across_failures(tmp_path):
@@ -225,7 +226,7 @@ def test_a_non_finite_loss_stops_the_pipeline_with_one_line(tiny_model, data_fil
 
 
 def test_a_non_finite_loss_stops_sft_too(tiny_model, data_files, tmp_path):
-    from pipeline.sft import train_sft
+    from pipeline.stages.sft import train_sft
 
     cfg = SftConfig(r=4, learning_rate=1e30, max_steps=3, batch_size=2, gradient_accumulation_steps=1,
                     logging_steps=10, save_steps=0)
@@ -299,15 +300,15 @@ def test_training_arguments_checkpoint_only_when_asked(tmp_path):
     from transformers import TrainingArguments
 
     cpu = torch.device("cpu")
-    args = common.training_arguments(TrainingArguments, CptConfig(save_steps=50), tmp_path, cpu, torch.float32, 0)
+    args = training.training_arguments(TrainingArguments, CptConfig(save_steps=50), tmp_path, cpu, torch.float32, 0)
     assert (args.save_strategy, args.save_steps, args.save_total_limit) == ("steps", 50, 1)
     assert args.logging_nan_inf_filter is False and args.gradient_checkpointing is False
-    args = common.training_arguments(TrainingArguments, CptConfig(save_steps=0, gradient_checkpointing=True),
+    args = training.training_arguments(TrainingArguments, CptConfig(save_steps=0, gradient_checkpointing=True),
                                      tmp_path, cpu, torch.float32, 0)
     assert args.save_strategy == "no"
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     # unsloth checkpoints inside its own model wrapper: the Trainer must not add a second layer
-    args = common.training_arguments(TrainingArguments, CptConfig(gradient_checkpointing=True), tmp_path, cpu,
+    args = training.training_arguments(TrainingArguments, CptConfig(gradient_checkpointing=True), tmp_path, cpu,
                                      torch.float32, 0, "unsloth")
     assert args.gradient_checkpointing is False
 
@@ -319,7 +320,7 @@ def fake_gpus(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored (unset) afterwards, whatever resolve_device sets
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(common, "_PINNED_GPU", None)
+    monkeypatch.setattr(devices, "_PINNED_GPU", None)
     state = {"initialised_with": None}
 
     def count():
@@ -338,12 +339,12 @@ def fake_gpus(monkeypatch):
 def test_cuda_n_pins_the_process_to_that_gpu(fake_gpus):
     import os
 
-    assert common.resolve_device("cuda:2") == torch.device("cuda")  # the Trainer's cuda:0 is now physical GPU 2
+    assert devices.resolve_device("cuda:2") == torch.device("cuda")  # the Trainer's cuda:0 is now physical GPU 2
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
-    assert common.resolve_device("cuda:2") == torch.device("cuda")  # later stages: the same GPU
+    assert devices.resolve_device("cuda:2") == torch.device("cuda")  # later stages: the same GPU
     with pytest.raises(PipelineError, match=r"^device=cuda:1: this process already trains on GPU 2"):
-        common.resolve_device("cuda:1")
-    assert common.resolve_device("cpu") == torch.device("cpu")
+        devices.resolve_device("cuda:1")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
 
 
 def test_cuda_n_counts_within_cuda_visible_devices(fake_gpus, monkeypatch):
@@ -352,27 +353,27 @@ def test_cuda_n_counts_within_cuda_visible_devices(fake_gpus, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     with pytest.raises(PipelineError, match=r"^device=cuda:2: only 2 GPU\(s\) visible \(cuda:0 to cuda:1, "
                                             r"CUDA_VISIBLE_DEVICES=3,1\)"):
-        common.resolve_device("cuda:2")
-    assert common.resolve_device("cuda:1") == torch.device("cuda")
+        devices.resolve_device("cuda:2")
+    assert devices.resolve_device("cuda:1") == torch.device("cuda")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_cuda_without_a_gpu_is_refused(monkeypatch):
-    monkeypatch.setattr(common, "_PINNED_GPU", None)
+    monkeypatch.setattr(devices, "_PINNED_GPU", None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(PipelineError, match=r"^device=cuda:1 but CUDA is not available on this machine"):
-        common.resolve_device("cuda:1")
-    assert common.resolve_device("auto") == torch.device("cpu")
+        devices.resolve_device("cuda:1")
+    assert devices.resolve_device("auto") == torch.device("cpu")
 
 
 def test_auto_and_cuda_use_one_gpu_and_a_late_pin_is_refused(fake_gpus, monkeypatch):
     import os
 
-    assert common.resolve_device("auto") == torch.device("cuda")
+    assert devices.resolve_device("auto") == torch.device("cuda")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # not DataParallel over all four
-    monkeypatch.setattr(common, "_PINNED_GPU", None)
+    monkeypatch.setattr(devices, "_PINNED_GPU", None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     fake_gpus["initialised_with"] = "0,1,2,3"  # something used CUDA before the device was chosen
     with pytest.raises(PipelineError, match=r"^device=cuda:3: CUDA was initialised in this process before the GPU "
                                             r"could be chosen; start the run with CUDA_VISIBLE_DEVICES=3"):
-        common.resolve_device("cuda:3")
+        devices.resolve_device("cuda:3")

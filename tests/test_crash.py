@@ -108,13 +108,13 @@ def test_two_sweeps_started_together_never_share_a_directory(tiny_model, data_fi
 
 OOM = """
 import torch
-import pipeline.sft
-_train = pipeline.sft.train_sft
+import pipeline.stages.sft
+_train = pipeline.stages.sft.train_sft
 def _train_or_oom(cfg, *args, **kwargs):
     if cfg.lora_alpha == 8:  # one cell of the sweep runs out of GPU memory
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return _train(cfg, *args, **kwargs)
-pipeline.sft.train_sft = _train_or_oom
+pipeline.stages.sft.train_sft = _train_or_oom
 """
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import write_jsonl
-from pipeline.common import PipelineError
-from pipeline.data import load_cpt_documents, load_qa, load_sft_records
+from pipeline.core.outputs import PipelineError
+from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
 
 
 def test_cpt_documents_from_dir_file_glob_and_jsonl(tmp_path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.eval import (add_gain_metrics, answer_logprobs, cut_answer, encode_pair, generate, is_repetitive,
-                           summarize, text_nll, transition)
+from pipeline.stages.eval import (add_gain_metrics, answer_logprobs, cut_answer, encode_pair, generate, is_repetitive,
+                                  summarize, text_nll, transition)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_generation_stops_at_the_cut_without_changing_the_answer(model_tok):
 
 def test_a_row_stops_at_the_stop_string_only_after_answer_text(model_tok):
     """A leading newline is not the end of the answer: the row generates on until text and then the newline."""
-    from pipeline.eval import _stop_at_cut
+    from pipeline.stages.eval import _stop_at_cut
 
     _, tok = model_tok
     prompt = tok(["答え:"], return_tensors="pt")["input_ids"]
@@ -172,9 +172,9 @@ def test_gain_kept_of_a_loss():
 
 def test_the_judge_compares_whole_words(monkeypatch):
     """はい is likelier per token but less likely as a whole word than いいえ: the whole word decides."""
-    from pipeline import eval as ev
-    from pipeline.config import EvalConfig
-    from pipeline.data import QAItem
+    from pipeline.stages import eval as ev
+    from pipeline.core.config import EvalConfig
+    from pipeline.core.data import QAItem
 
     def fake_logprobs(model, tok, prompts, answers, batch_size, device, reduce="mean"):
         per = {("はい", "mean"): -1.0, ("いいえ", "mean"): -1.5, ("はい", "sum"): -3.0, ("いいえ", "sum"): -2.0}
@@ -227,9 +227,9 @@ def test_heldout_jsonl_is_read_from_its_text_field(tiny_model, tmp_path):
     import math
 
     from conftest import QA, write_jsonl
-    from pipeline.common import PipelineError
-    from pipeline.config import EvalConfig, ModelConfig
-    from pipeline.eval import evaluate
+    from pipeline.core.outputs import PipelineError
+    from pipeline.core.config import EvalConfig, ModelConfig
+    from pipeline.stages.eval import evaluate
 
     bodies = ["炉-3の設定温度は1150度である。", "P-101の定格能力は880トンです。"]
     heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"body": b} for b in bodies])
@@ -263,9 +263,9 @@ def test_the_sft_model_is_asked_as_it_was_trained(tiny_model, sft_adapter, tmp_p
     """The prompt format recorded next to the adapter wins over the current config; without the record (an older
     adapter) the current config is used, with a warning."""
     from conftest import QA, write_jsonl
-    from pipeline import eval as ev
-    from pipeline.config import EvalConfig, ModelConfig
-    from pipeline.prompts import PROMPT_FORMAT_FILE
+    from pipeline.stages import eval as ev
+    from pipeline.core.config import EvalConfig, ModelConfig
+    from pipeline.core.prompts import PROMPT_FORMAT_FILE
 
     if recorded:  # SFT ran with the prompt template (no chat template), although the tokenizer now has one
         (sft_adapter / PROMPT_FORMAT_FILE).write_text('{"chat_template": null, "prompt_template": "Q: {prompt}\\nA:"}')

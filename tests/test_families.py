@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model, tiny_overrides
 from test_pipeline import compose_cfg
-from pipeline.common import PipelineError
+from pipeline.core.outputs import PipelineError
 from pipeline.run import run_pipeline
 
 # config option → the architecture a checkpoint of that family has: (model_type, tied embeddings, chat template)

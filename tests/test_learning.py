@@ -24,12 +24,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CORPUS, make_tiny_model
-from pipeline import cpt, sft
-from pipeline.config import CptConfig, DataPath, ModelConfig, SftConfig
-from pipeline.cpt import PackedEpochs, TokenizedCorpus, collate_blocks, pack_epochs, param_groups
-from pipeline.data import load_sft_records
-from pipeline.eval import answer_logprobs, text_nll
-from pipeline.prompts import to_prompt_completion
+from pipeline.stages import cpt, sft
+from pipeline.core.config import CptConfig, DataPath, ModelConfig, SftConfig
+from pipeline.stages.cpt import PackedEpochs, TokenizedCorpus, collate_blocks, pack_epochs, param_groups
+from pipeline.core.data import load_sft_records
+from pipeline.stages.eval import answer_logprobs, text_nll
+from pipeline.core.prompts import to_prompt_completion
 
 CPU = torch.device("cpu")
 
@@ -223,8 +223,8 @@ def tied_model(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tied_model"])
 def test_embeddings_and_head_train_at_their_own_learning_rate(fixture, request):
-    from pipeline.backend import add_lora, load_for_training
-    from pipeline.modules import resolve_targets
+    from pipeline.core.backend import add_lora, load_for_training
+    from pipeline.core.modules import resolve_targets
 
     model_dir = request.getfixturevalue(fixture)
     cfg = CptConfig(r=4, target_modules="attn_mlp_embed", learning_rate=1e-3, embedding_learning_rate=1e-4,

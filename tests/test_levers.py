@@ -12,12 +12,11 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CORPUS, make_tiny_model, tiny_overrides, write_jsonl
-from pipeline.backend import add_lora
-from pipeline.common import PipelineError
-from pipeline.config import ChatVectorConfig, CptConfig, DataPath, ModelConfig, SftConfig
-from pipeline.mixing import (load_disjoint_qa, mix_qa_into_corpus, replay_records, replay_token_target,
-                             text_chunks)
-from pipeline.modules import lora_scale, resolve_layers, resolve_targets
+from pipeline.core.backend import add_lora
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import ChatVectorConfig, CptConfig, DataPath, ModelConfig, SftConfig
+from pipeline.core.mixing import load_disjoint_qa, mix_qa_into_corpus, replay_records, replay_token_target, text_chunks
+from pipeline.core.modules import lora_scale, resolve_layers, resolve_targets
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TEMPLATE = "質問: {question}\n答え: {answer}"
@@ -75,7 +74,7 @@ def test_lora_is_trained_only_in_the_chosen_layers(tiny_model):
 
 
 def test_unsloth_gets_the_same_layers():
-    from pipeline.backend import unsloth_peft_kwargs
+    from pipeline.core.backend import unsloth_peft_kwargs
 
     model = meta_llama(4)
     targets = resolve_targets("attn", model)
@@ -152,7 +151,7 @@ def sft_stats(out):
 
 
 def test_sft_replay_puts_cpt_text_into_the_batches(tiny_model, data_files, tmp_path):
-    from pipeline.sft import train_sft
+    from pipeline.stages.sft import train_sft
 
     model_cfg = ModelConfig(path=str(tiny_model), max_seq_length=32)
     common = dict(r=4, lora_alpha=8, max_steps=1, batch_size=2, logging_steps=1)
@@ -176,9 +175,9 @@ def lever_trainer(tiny_model, tok, data_files, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig
 
-    from pipeline.data import load_sft_records
-    from pipeline.prompts import to_prompt_completion
-    from pipeline.retention import RetentionSFTTrainer
+    from pipeline.core.data import load_sft_records
+    from pipeline.core.prompts import to_prompt_completion
+    from pipeline.core.retention import RetentionSFTTrainer
 
     def make(kl=0.0, l2=0.0, perturb=True):
         model = lora_model(tiny_model, SftConfig(r=4, lora_alpha=8, target_modules="attn_mlp"))
@@ -232,7 +231,7 @@ def test_fresh_adapter_is_the_cpt_model(lever_trainer):
 def test_l2_is_the_squared_size_of_the_merged_update(lever_trainer):
     from peft.tuners.lora import LoraLayer
 
-    from pipeline.retention import lora_update_sq_norm
+    from pipeline.core.retention import lora_update_sq_norm
 
     trainer, batch = lever_trainer(l2=2.0)
     model = trainer.model
@@ -245,7 +244,7 @@ def test_l2_is_the_squared_size_of_the_merged_update(lever_trainer):
 
 
 def test_each_term_trains_only_the_adapter(lever_trainer):
-    from pipeline.retention import kl_to_adapter_free, lora_update_sq_norm
+    from pipeline.core.retention import kl_to_adapter_free, lora_update_sq_norm
 
     trainer, batch = lever_trainer()
     model = trainer.model
@@ -309,7 +308,7 @@ def test_qa_mix_adds_a_seeded_share_of_the_pairs(pairs, data_files):
 
 
 def test_cpt_trains_on_the_mixed_pairs_in_the_chosen_layers(tiny_model, data_files, pairs, tmp_path):
-    from pipeline.cpt import train_cpt
+    from pipeline.stages.cpt import train_cpt
 
     cfg = CptConfig(r=4, lora_alpha=8, use_rslora=True, target_modules="attn", max_steps=1, batch_size=2,
                     qa_mix=1.0, layers=[0])
@@ -322,7 +321,7 @@ def test_cpt_trains_on_the_mixed_pairs_in_the_chosen_layers(tiny_model, data_fil
 
 
 def test_early_stopping_evaluates_the_dev_set_and_keeps_the_best(tiny_model, data_files, pairs, tmp_path):
-    from pipeline.sft import train_sft
+    from pipeline.stages.sft import train_sft
 
     model_cfg, data = ModelConfig(path=str(tiny_model), max_seq_length=32), DataPath(str(data_files["sft"]))
     # at this learning rate the dev loss (questions the SFT data never asks) turns up after a few steps
@@ -343,7 +342,7 @@ def test_early_stopping_evaluates_the_dev_set_and_keeps_the_best(tiny_model, dat
 def cv_models(tmp_path_factory):
     """A base, an instruct model (base + a 'chat' difference) and a CPT model (base + other changes + 2 added
     tokens, whose embedding rows the instruct model does not have)."""
-    from pipeline.modules import fit_embeddings
+    from pipeline.core.modules import fit_embeddings
 
     d = tmp_path_factory.mktemp("cv")
     base = make_tiny_model(d / "base")
@@ -374,7 +373,7 @@ def weights(path):
 
 
 def run_chat_vector(cv_models, out, **cfg):
-    from pipeline.chat_vector import apply_chat_vector
+    from pipeline.stages.chat_vector import apply_chat_vector
 
     model_cfg = ModelConfig(path=str(cv_models["base"]), instruct_path=str(cv_models["instruct"]))
     return apply_chat_vector(ChatVectorConfig(**cfg), model_cfg, cv_models["cpt"], out, "cpu")
@@ -410,7 +409,7 @@ def test_chat_vector_can_leave_the_embeddings_alone(cv_models, tmp_path):
 
 
 def test_chat_vector_streams_into_shards(cv_models, tmp_path, monkeypatch):
-    import pipeline.chat_vector as chat_vector
+    import pipeline.stages.chat_vector as chat_vector
 
     whole = run_chat_vector(cv_models, tmp_path / "whole")
     monkeypatch.setattr(chat_vector, "SHARD_BYTES", 40_000)  # the tiny model is ~100 kB: several shards
@@ -424,7 +423,7 @@ def test_chat_vector_streams_into_shards(cv_models, tmp_path, monkeypatch):
 
 
 def test_chat_vector_needs_an_instruct_model_of_the_same_family(cv_models, tmp_path):
-    from pipeline.chat_vector import apply_chat_vector
+    from pipeline.stages.chat_vector import apply_chat_vector
 
     other = make_tiny_model(tmp_path / "other", hidden_size=48)
     model_cfg = ModelConfig(path=str(cv_models["base"]), instruct_path=str(other))
@@ -495,7 +494,7 @@ def test_sft_trains_on_the_chat_vector_model_when_both_run(tiny_model, tiny_inst
 def test_demo_instruct_sibling_is_its_base_trained_on_chat(tiny_model, data_files, tmp_path):
     """`python -m pipeline.demo_model --instruct`: the base trained further, in full, on chat records; built once per
     base model (a rebuilt base gets a new sibling, or the chat vector would be the difference of unrelated models)."""
-    from pipeline.config import DemoBuildConfig
+    from pipeline.core.config import DemoBuildConfig
     from pipeline.demo_model import ensure_demo_instruct_model
 
     cfg = DemoBuildConfig(instruct_data=str(data_files["sft"]), instruct_num_epochs=3, instruct_learning_rate=1e-3)

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model
-from pipeline.common import PipelineError
-from pipeline.config import MergeConfig, ModelConfig
-from pipeline.merge import merge_adapter, stream_merge
-from pipeline.modules import fit_embeddings, lora_config, resolve_targets
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import MergeConfig, ModelConfig
+from pipeline.stages.merge import merge_adapter, stream_merge
+from pipeline.core.modules import fit_embeddings, lora_config, resolve_targets
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -172,7 +172,7 @@ def test_lora_on_tied_embeddings_is_refused(tmp_path, monkeypatch):
 
     The adapter is made on an untied twin of the model (same names and shapes) and streamed directly, so that what
     PEFT itself does with LoRA on tied layers (warn, untie on merge, or refuse) plays no part in the outcome."""
-    import pipeline.merge
+    import pipeline.stages.merge
 
     model_dir = make_tiny_model(tmp_path / "tied", tie=True)
     twin = make_tiny_model(tmp_path / "untied")
@@ -188,7 +188,7 @@ def test_lora_on_tied_embeddings_is_refused(tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the adapter was refused")
 
-    monkeypatch.setattr(pipeline.merge, "_load_fp32", no_loading)
+    monkeypatch.setattr(pipeline.stages.merge, "_load_fp32", no_loading)
     with pytest.raises(PipelineError, match=refused):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
     assert_nothing_published(tmp_path)
@@ -225,11 +225,11 @@ def test_a_broken_adapter_fails_the_check_and_publishes_nothing(tmp_path):
 
 def test_a_streaming_merge_that_disagrees_with_peft_is_not_published(tmp_path, monkeypatch, qv_adapter):
     """The saved file is checked against PEFT's merge: here the streaming merge scales every LoRA update twice."""
-    import pipeline.merge
+    import pipeline.stages.merge
 
     model_dir, adapter = qv_adapter
-    scaling = pipeline.merge._lora_scaling
-    monkeypatch.setattr(pipeline.merge, "_lora_scaling", lambda config, module: 2 * scaling(config, module))
+    scaling = pipeline.stages.merge._lora_scaling
+    monkeypatch.setattr(pipeline.stages.merge, "_lora_scaling", lambda config, module: 2 * scaling(config, module))
     with pytest.raises(PipelineError, match=r"merge check failed: the saved checkpoint's logits differ from the "
                                             r"verified merge's by [0-9.]+ \(tolerance [0-9.e-]+\), tied=False vs "
                                             r"base tied=False; nothing was published"):
@@ -247,10 +247,10 @@ RELOAD_FAILED = (r"merge check failed: the saved checkpoint's logits differ from
 def test_one_perturbed_merged_weight_is_caught(tmp_path, monkeypatch, qv_adapter):
     """One row of one q_proj weight written 0.01 off (its entries are ~0.02): PEFT's merge, the reference, is right,
     only the streamed file is wrong, and the reload comparison catches it."""
-    import pipeline.merge
+    import pipeline.stages.merge
 
     model_dir, adapter = qv_adapter
-    apply, hit = pipeline.merge._apply, []
+    apply, hit = pipeline.stages.merge._apply, []
 
     def off_by_a_little(w, edit, adapter_file, key):
         w = apply(w, edit, adapter_file, key)
@@ -259,7 +259,7 @@ def test_one_perturbed_merged_weight_is_caught(tmp_path, monkeypatch, qv_adapter
             hit.append(key)
         return w
 
-    monkeypatch.setattr(pipeline.merge, "_apply", off_by_a_little)
+    monkeypatch.setattr(pipeline.stages.merge, "_apply", off_by_a_little)
     with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="[0-9.e-]+", saved="False", base="False")):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
     assert hit == ["model.layers.1.self_attn.q_proj.weight"]
@@ -270,13 +270,13 @@ def test_one_perturbed_merged_weight_is_caught(tmp_path, monkeypatch, qv_adapter
 def test_a_perturbed_embedding_row_outside_the_check_sample_is_caught(tmp_path, monkeypatch, qv_adapter, save_dtype):
     """An untied model's input-embedding row acts only where its token occurs, so the logits over the check sample
     cannot see a wrong row of a token outside it: those rows are compared directly."""
-    import pipeline.merge
-    from pipeline.common import load_tokenizer
+    import pipeline.stages.merge
+    from pipeline.core.checkpoints import load_tokenizer
 
     model_dir, adapter = qv_adapter
-    sample = set(pipeline.merge.check_sample(load_tokenizer(adapter), MergeConfig().check_tokens)[0].tolist())
+    sample = set(pipeline.stages.merge.check_sample(load_tokenizer(adapter), MergeConfig().check_tokens)[0].tolist())
     row = max(set(range(len(load_tokenizer(adapter)))) - sample)  # a token the logit check never looks up
-    apply = pipeline.merge._apply
+    apply = pipeline.stages.merge._apply
 
     def one_row_off(w, edit, adapter_file, key):
         w = apply(w, edit, adapter_file, key)
@@ -284,7 +284,7 @@ def test_a_perturbed_embedding_row_outside_the_check_sample_is_caught(tmp_path, 
             w[row] += 0.05  # a quarter of the row's typical size, far beyond rounding
         return w
 
-    monkeypatch.setattr(pipeline.merge, "_apply", one_row_off)
+    monkeypatch.setattr(pipeline.stages.merge, "_apply", one_row_off)
     with pytest.raises(PipelineError, match=rf"merge check failed: the saved checkpoint's 1 row\(s\) of the input "
                                             rf"embeddings \(token ids \[{row}\]\) differ from the verified merge's"):
         merge_adapter(MergeConfig(save_dtype=save_dtype), ModelConfig(path=str(model_dir)), adapter,
@@ -320,14 +320,14 @@ def _reload_the_base(load, base):
 def test_a_broken_reload_is_caught(tmp_path, monkeypatch, qv_adapter, breakage):
     """The saved checkpoint does not load as the merge that was verified: a tensor the file lacks (transformers
     initialises it at random), or a loader that reads another checkpoint. The reload comparison catches both."""
-    import pipeline.merge
+    import pipeline.stages.merge
 
     model_dir, adapter = qv_adapter
     if breakage == "tensor missing from the shard":
-        monkeypatch.setattr(pipeline.merge, "stream_merge",
-                            _drop_from_output(pipeline.merge.stream_merge, "model.layers.0.mlp.down_proj.weight"))
+        monkeypatch.setattr(pipeline.stages.merge, "stream_merge",
+                            _drop_from_output(pipeline.stages.merge.stream_merge, "model.layers.0.mlp.down_proj.weight"))
     else:
-        monkeypatch.setattr(pipeline.merge, "_load_fp32", _reload_the_base(pipeline.merge._load_fp32, model_dir))
+        monkeypatch.setattr(pipeline.stages.merge, "_load_fp32", _reload_the_base(pipeline.stages.merge._load_fp32, model_dir))
     with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="[0-9.e-]+", saved="False", base="False")):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
     assert_nothing_published(tmp_path)
@@ -336,11 +336,11 @@ def test_a_broken_reload_is_caught(tmp_path, monkeypatch, qv_adapter, breakage):
 def test_a_tied_base_saved_untied_is_caught(tmp_path, monkeypatch):
     """A tied base whose saved checkpoint comes out untied: the head stored as its own tensor (with the embedding's
     values, so every logit is the same) and tie_word_embeddings=false. Only the tied/untied check can catch it."""
-    import pipeline.merge
+    import pipeline.stages.merge
 
     model_dir = make_tiny_model(tmp_path / "tied", tie=True)
     adapter = save_adapter(model_dir, tmp_path / "adapter", ["q_proj", "v_proj"])
-    stream = pipeline.merge.stream_merge
+    stream = pipeline.stages.merge.stream_merge
 
     def untied(base_path, adapter_dir, out_dir, *args, **kw):
         info = stream(base_path, adapter_dir, out_dir, *args, **kw)
@@ -351,7 +351,7 @@ def test_a_tied_base_saved_untied_is_caught(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
         return info
 
-    monkeypatch.setattr(pipeline.merge, "stream_merge", untied)
+    monkeypatch.setattr(pipeline.stages.merge, "stream_merge", untied)
     with pytest.raises(PipelineError, match=RELOAD_FAILED.format(diff="0", saved="False", base="True")):
         merge_adapter(MergeConfig(), ModelConfig(path=str(model_dir)), adapter, tmp_path / "merged", device="cpu")
     assert_nothing_published(tmp_path)

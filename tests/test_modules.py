@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.common import PipelineError
-from pipeline.modules import resolve_targets
+from pipeline.core.outputs import PipelineError
+from pipeline.core.modules import resolve_targets
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model, tiny_overrides
-from pipeline.common import PipelineError, is_complete
+from pipeline.core.outputs import PipelineError, is_complete
 from pipeline.run import run_pipeline
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -75,7 +75,7 @@ def word_logprob(model, tok, prompt, word):
 
 def test_forgetting_measurements(tiny_model, data_files, tmp_path):
     """General-knowledge QA, held-out perplexity, transitions, format and a local judge, all in one run."""
-    from pipeline.scoring import contains
+    from pipeline.core.scoring import contains
 
     cfg = compose_cfg(tiny_overrides(tiny_model, data_files, **{
         "data.general_qa.path": data_files["qa"], "data.heldout.path": data_files["cpt"],

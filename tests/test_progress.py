@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from conftest import tiny_overrides
-from pipeline.progress import ConsoleFilter, ConsoleFormatter, attach_progress, loss_history
+from pipeline.core.progress import ConsoleFilter, ConsoleFormatter, attach_progress, loss_history
 from test_cli import run_cli
 
 
@@ -19,9 +19,9 @@ def record(name, level, console=False):
 
 @pytest.mark.parametrize("name, level, console, shown", [
     ("pipeline.run", logging.INFO, True, True),          # log.info(..., extra=CONSOLE): a stage finished
-    ("pipeline.cpt", logging.INFO, False, False),        # details: run.log only
+    ("pipeline.stages.cpt", logging.INFO, False, False),        # details: run.log only
     ("pipeline.steps", logging.INFO, False, False),      # the trainer's per-step dicts
-    ("pipeline.sft", logging.WARNING, False, True),      # the pipeline's warnings change what a result means
+    ("pipeline.stages.sft", logging.WARNING, False, True),      # the pipeline's warnings change what a result means
     ("transformers.modeling_utils", logging.WARNING, False, False),  # library warnings: run.log only
     ("py.warnings", logging.WARNING, False, False),      # warnings.warn (deprecations) captured by logging
     ("peft.tuners", logging.ERROR, False, True),         # errors from anywhere
@@ -33,7 +33,7 @@ def test_console_filter(name, level, console, shown):
 def test_console_format():
     fmt = ConsoleFormatter("%(message)s")
     assert fmt.format(record("pipeline.run", logging.INFO, True)) == "message"
-    assert fmt.format(record("pipeline.sft", logging.WARNING)) == "warning: message"
+    assert fmt.format(record("pipeline.stages.sft", logging.WARNING)) == "warning: message"
     assert fmt.format(record("peft.tuners", logging.ERROR)) == "error [peft.tuners]: message"
 
 
@@ -45,7 +45,7 @@ def test_trainer_prints_a_bar_and_logs_the_dicts(tiny_model, tmp_path, capsys, c
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from pipeline.cpt import collate_blocks
+    from pipeline.stages.cpt import collate_blocks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     blocks = [[5 + i % 7 for i in range(16)]] * 8

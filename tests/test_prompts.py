@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.common import PipelineError
-from pipeline.config import ModelConfig
-from pipeline.prompts import PROMPT_FORMAT_FILE, use_recorded_prompt_format, write_prompt_format
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import ModelConfig
+from pipeline.core.prompts import PROMPT_FORMAT_FILE, use_recorded_prompt_format, write_prompt_format
 
 
 @pytest.fixture

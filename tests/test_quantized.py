@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model, tiny_overrides
 from test_pipeline import compose_cfg
-from pipeline.common import PipelineError, check_4bit_support
+from pipeline.core.outputs import PipelineError
+from pipeline.core.devices import check_4bit_support
 from pipeline.run import run_pipeline
 
 bnb = pytest.importorskip("bitsandbytes")

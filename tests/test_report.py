@@ -8,8 +8,8 @@ import re
 import pytest
 
 from pipeline.aggregate import aggregate, read_jobs, results_table
-from pipeline.eval import transition
-from pipeline.report import write_report
+from pipeline.stages.eval import transition
+from pipeline.sweep.report import write_report
 from test_aggregate import fake_job
 
 # per question: base, CPT, SFT of job 0, SFT of job 1 (contains)

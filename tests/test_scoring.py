@@ -1,11 +1,11 @@
 """Normalisation and string metrics, with expectations computed by hand.
 
-The number cases read as the rules of pipeline/scoring.py: a gold number matches only a whole number.
+The number cases read as the rules of pipeline/core/scoring.py: a gold number matches only a whole number.
 """
 
 import pytest
 
-from pipeline.scoring import char_f1, contains, exact_match, normalize
+from pipeline.core.scoring import char_f1, contains, exact_match, normalize
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -73,7 +73,7 @@ def test_japanese_answers_match_their_gold():
                                         ("三万五千", 35000), ("二〇二四", 2024), ("一億二千万", 120000000),
                                         ("二三百", None)])
 def test_kanji_to_int(run, value):
-    from pipeline.scoring import kanji_to_int
+    from pipeline.core.scoring import kanji_to_int
 
     assert kanji_to_int(run) == value
 

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.common import PipelineError
-from pipeline.prompts import chat_template_text, render_prompt, to_prompt_completion
+from pipeline.core.outputs import PipelineError
+from pipeline.core.prompts import chat_template_text, render_prompt, to_prompt_completion
 
 MSGS = [{"role": "user", "content": "日本の首都は？"}, {"role": "assistant", "content": "東京です。"}]
 
@@ -47,7 +47,7 @@ def test_missing_jinja_file_is_an_error(tmp_path):
 def test_the_loss_line_shows_a_curve_only_when_there_is_one():
     from types import SimpleNamespace
 
-    from pipeline.common import loss_summary
+    from pipeline.core.training import loss_summary
 
     def trainer(history):
         return SimpleNamespace(state=SimpleNamespace(log_history=history))

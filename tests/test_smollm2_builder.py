@@ -7,7 +7,7 @@ import zipfile
 import pytest
 
 import pipeline.smollm2 as smollm2
-from pipeline.common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 
 def test_an_existing_checkpoint_is_kept(tmp_path, capsys):

@@ -8,9 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import tiny_overrides
-from pipeline.common import PipelineError
-from pipeline.config import TrackingConfig
-from pipeline.tracking import check, local_uri
+from pipeline.core.outputs import PipelineError
+from pipeline.core.config import TrackingConfig
+from pipeline.core.tracking import check, local_uri
 from test_cli import AUDIT, run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "tracking"

@@ -42,7 +42,7 @@ def cases(tmp: Path, model: Path) -> dict:
     qa_dup = write_jsonl(tmp / "qa_dup.jsonl", [QA[0], {**QA[1], "id": QA[0]["id"]}])
     llama = json.loads((model / "config.json").read_text())
     return {
-        # the config itself: ranges declared next to each key in pipeline/config.py
+        # the config itself: ranges declared next to each key in pipeline/core/config.py
         "negative lora_alpha": ({"cpt.lora_alpha": -4}, r"^cpt\.lora_alpha=-4\.0: must be > 0"),
         "rank zero": ({"sft.r": 0}, r"^sft\.r=0: must be >= 1"),
         "dropout of one": ({"cpt.lora_dropout": 1.0}, r"^cpt\.lora_dropout=1\.0: must be < 1"),

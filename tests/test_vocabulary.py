@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model, tiny_overrides
 from test_pipeline import compose_cfg
-from pipeline.common import PipelineError
+from pipeline.core.outputs import PipelineError
 from pipeline.run import run_pipeline
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -47,7 +47,7 @@ def test_added_chat_tokens_are_resized_trained_and_merged(tmp_path, data_files, 
     assert deltas and all(v.shape[0] == 2 for v in deltas.values())
     embed_delta = next(v for k, v in deltas.items() if "embed_tokens" in k)
     assert not torch.allclose(embed_delta, emb[400:402], atol=1e-5)
-    if not tie:  # the untied head's rows train too, through TRL's fused LM head (pipeline.sft._expose_head_bias)
+    if not tie:  # the untied head's rows train too, through TRL's fused LM head (pipeline.stages.sft._expose_head_bias)
         head_delta = next(v for k, v in deltas.items() if "lm_head" in k)
         assert not torch.allclose(head_delta, merged.get_output_embeddings().weight.detach()[400:402], atol=1e-5)
 
@@ -69,7 +69,7 @@ def test_new_rows_start_at_the_mean_of_the_old_ones(tie):
     4..5. The mean of the other old rows, (0 + 1 + 3) / 3 = 4/3, is where all three start, in the head too."""
     from transformers import AutoConfig
 
-    from pipeline.modules import fit_embeddings
+    from pipeline.core.modules import fit_embeddings
 
     cfg = AutoConfig.for_model("llama", vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)

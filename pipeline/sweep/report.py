@@ -7,7 +7,7 @@ It holds the results table, the heatmaps (embedded as data: URIs) and a per-ques
 the base model's, every distinct CPT model's and every job's SFT answer, an answer that contains the gold answer in
 green, and a checkbox that keeps only the questions CPT taught and SFT lost (`transition` = learned_lost in a job's
 answers.jsonl). No script and no external file: the filter is CSS, so the page works with scripts off, from a mail
-attachment or a shared drive. The layout is the Jinja template pipeline/templates/report.html.j2.
+attachment or a shared drive. The layout is the Jinja template pipeline/sweep/templates/report.html.j2.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def write_report(sweep_dir: str | Path, jobs: List[dict], table_df, keys: Sequen
     import jinja2
 
     sweep_dir = Path(sweep_dir)
-    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.sweep", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True)  # answers may hold < and &
     n_ok = sum(j.get("status") == "ok" for j in jobs)
     headline = next((j["metrics"].get("headline_metric") for j in jobs if j.get("metrics", {}).get("headline_metric")),

@@ -7,11 +7,11 @@ the tokenizer's chat template (or model.prompt_template when it has none), the c
 turn. TRL then trains on completion tokens only, EOS included, so the model learns to stop. Rendering here instead of
 TRL's `assistant_only_loss` works with any chat template (that option needs {% generation %} markers, which few
 templates have). No packing: TRL's padding-free packing is only correct with FlashAttention's variable-length
-kernels (as for CPT, pipeline/cpt.py).
+kernels (as for CPT, pipeline/stages/cpt.py).
 
 Levers that keep what CPT taught (docs/levers.md), all off by default: sft.replay_ratio (CPT text in the batches,
-pipeline/mixing.py), sft.layers (LoRA in some layers only), sft.kl_weight / sft.l2_weight (loss terms,
-pipeline/retention.py) and sft.early_stopping_patience (a domain dev set, data.dev_qa.path).
+pipeline/core/mixing.py), sft.layers (LoRA in some layers only), sft.kl_weight / sft.l2_weight (loss terms,
+pipeline/core/retention.py) and sft.early_stopping_patience (a domain dev set, data.dev_qa.path).
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .common import (PipelineError, count_4bit_linears, count_trainable, example, final_loss, load_tokenizer,
-                     loss_summary,
-                     resolve_device, resolve_dtype, resumable_output, train_stage, training_arguments, write_json)
-from .config import DataConfig, DataPath, ModelConfig, SftConfig, cache_settings
-from .progress import attach_progress, loss_history
-from .data import load_cpt_documents, load_sft_records
-from .backend import add_lora, check_attn_implementation, load_for_training
-from .mixing import load_disjoint_qa, replay_records, replay_token_target, trained_tokens
-from .modules import add_tokens, embedding_rows, lora_scale, resolve_layers, resolve_targets, token_training
-from .prompts import apply_chat_template_override, to_prompt_completion, write_prompt_format
+from pipeline.core.outputs import PipelineError, example, resumable_output, write_json
+from pipeline.core.checkpoints import count_4bit_linears, load_tokenizer
+from pipeline.core.training import count_trainable, final_loss, loss_summary, train_stage, training_arguments
+from pipeline.core.devices import resolve_device, resolve_dtype
+from pipeline.core.config import DataConfig, DataPath, ModelConfig, SftConfig, cache_settings
+from pipeline.core.progress import attach_progress, loss_history
+from pipeline.core.data import load_cpt_documents, load_sft_records
+from pipeline.core.backend import add_lora, check_attn_implementation, load_for_training
+from pipeline.core.mixing import load_disjoint_qa, replay_records, replay_token_target, trained_tokens
+from pipeline.core.modules import (add_tokens, embedding_rows, lora_scale, resolve_layers, resolve_targets,
+                                   token_training)
+from pipeline.core.prompts import apply_chat_template_override, to_prompt_completion, write_prompt_format
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,8 @@ def key_material(cfg: SftConfig, data_cfg: DataConfig, seed: int) -> dict:
     """What the SFT adapter depends on besides the model it trains on (run.py adds that and the model settings): the
     settings, the seed, and every file train_sft reads — the SFT set, the replayed text (sft.replay_ratio) and the
     dev set (sft.early_stopping_patience)."""
-    from .cache import fingerprint_files
-    from .data import CPT_SUFFIXES, resolve_files
+    from pipeline.cache import fingerprint_files
+    from pipeline.core.data import CPT_SUFFIXES, resolve_files
 
     replay = data_cfg.replay if data_cfg.replay.path else data_cfg.cpt
     return {"sft": cache_settings(cfg), "seed": seed,
@@ -188,7 +190,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
         )
         trainer_cls, lever_kwargs = SFTTrainer, {}
         if cfg.kl_weight or cfg.l2_weight:
-            from .retention import RetentionSFTTrainer
+            from pipeline.core.retention import RetentionSFTTrainer
 
             trainer_cls, lever_kwargs = RetentionSFTTrainer, {"kl_weight": cfg.kl_weight, "l2_weight": cfg.l2_weight}
         trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,

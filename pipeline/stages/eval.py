@@ -4,9 +4,9 @@
 
 Two kinds of evidence per model:
 - generated answers (greedy), scored by normalised exact match, answer-contained and character F1 against the gold
-  answer and its aliases (pipeline/scoring.py). Base and CPT models are not instruction-tuned, so they get
+  answer and its aliases (pipeline/core/scoring.py). Base and CPT models are not instruction-tuned, so they get
   eval.completion_prompt; the SFT model gets the chat template (or prompt template) it was trained with, read from
-  the adapter's prompt_format.json (pipeline/prompts.py).
+  the adapter's prompt_format.json (pipeline/core/prompts.py).
 - the mean per-token log-probability of the gold answer after eval.completion_prompt, for all three models alike: it
   needs no answer format, so it measures knowledge in the base and CPT models too, and compares all three directly.
 
@@ -40,12 +40,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import PipelineError, atomic_output, load_model, load_tokenizer, resolve_device, resolve_dtype, write_json
-from .config import DataConfig, EvalConfig, ModelConfig, cache_settings
-from .data import QAItem, load_qa
-from .scoring import HEADLINE_METRICS, STRING_METRICS
-from .backend import for_inference, load_for_training
-from .prompts import render_prompt, use_recorded_prompt_format
+from pipeline.core.outputs import PipelineError, atomic_output, write_json
+from pipeline.core.checkpoints import load_model, load_tokenizer
+from pipeline.core.devices import resolve_device, resolve_dtype
+from pipeline.core.config import DataConfig, EvalConfig, ModelConfig, cache_settings
+from pipeline.core.data import QAItem, load_qa
+from pipeline.core.scoring import HEADLINE_METRICS, STRING_METRICS
+from pipeline.core.backend import for_inference, load_for_training
+from pipeline.core.prompts import render_prompt, use_recorded_prompt_format
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ MODEL_NAMES = ("base", "cpt", "sft")
 
 def key_material(cfg: EvalConfig, data_cfg: DataConfig) -> dict:
     """What the scores depend on besides the models (run.py adds those): the settings and every file read here."""
-    from .cache import fingerprint_files, fingerprint_model
-    from .data import CPT_SUFFIXES, resolve_files
+    from pipeline.cache import fingerprint_files, fingerprint_model
+    from pipeline.core.data import CPT_SUFFIXES, resolve_files
 
     out = {"eval": cache_settings(cfg), "judge": fingerprint_model(cfg.judge_path) if cfg.judge_path else None}
     for name, suffixes in (("qa", (".jsonl",)), ("general_qa", (".jsonl",)), ("heldout", CPT_SUFFIXES)):
@@ -340,11 +342,11 @@ def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict
 
     Optionally also a general-knowledge QA set (`<model>/general_<metric>`) and the perplexity of held-out domain text
     (`<model>/heldout_ppl`; in .jsonl files, each line's `heldout_text_field`). The SFT model is asked in the format
-    recorded next to its adapter (pipeline/prompts.py). Writes answers.jsonl (one line per question, all models side
+    recorded next to its adapter (pipeline/core/prompts.py). Writes answers.jsonl (one line per question, all models side
     by side, with the question's transition base → CPT → SFT), lost_questions.jsonl (learned by CPT, lost after SFT)
     and eval_metrics.json to `out_dir`.
     """
-    from .data import load_cpt_documents
+    from pipeline.core.data import load_cpt_documents
 
     if cfg.headline_metric not in HEADLINE_METRICS:
         raise PipelineError(f"eval.headline_metric={cfg.headline_metric!r}: use one of {', '.join(HEADLINE_METRICS)}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from .common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 CPT_SUFFIXES = (".txt", ".md", ".jsonl")
 

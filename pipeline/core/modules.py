@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 _LLAMA_STYLE = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def unsloth_installed() -> bool:
 
 def trains_embeddings(spec: Any, modules: Dict[str, Any] | None = None) -> bool:
     """Whether a target_modules setting (preset or list) trains the embedding or the head, read without a model."""
-    from .modules import EMBED_NAMES, PRESETS
+    from pipeline.core.modules import EMBED_NAMES, PRESETS
 
     if isinstance(spec, str):
         return any(g in ("embed", "lm_head") for g in PRESETS.get(spec, ()))
@@ -192,7 +192,7 @@ def load_for_training(backend: str, path, model_cfg, dtype: torch.dtype, device:
         model, _ = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(
             path, model_cfg.max_seq_length, dtype, model_cfg.load_in_4bit, model_cfg.trust_remote_code))
         return model
-    from .common import load_model
+    from pipeline.core.checkpoints import load_model
 
     return load_model(path, dtype, device if model_cfg.load_in_4bit else torch.device("cpu"),
                       model_cfg.trust_remote_code, load_in_4bit=model_cfg.load_in_4bit,
@@ -226,7 +226,7 @@ def add_lora(backend: str, model, targets, stage_cfg, seed: int, load_in_4bit: b
             trainable_tokens))
     from peft import get_peft_model
 
-    from .modules import lora_config
+    from pipeline.core.modules import lora_config
 
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training

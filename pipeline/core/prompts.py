@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
-from .common import PipelineError, write_json
+from pipeline.core.outputs import PipelineError, write_json
 
 log = logging.getLogger(__name__)
 

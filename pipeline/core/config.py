@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .common import PipelineError
+from pipeline.core.outputs import PipelineError
 
 
 def key(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
@@ -105,7 +105,7 @@ class ModelConfig:
     build_demo_if_missing: bool = False
     demo: DemoBuildConfig = field(default_factory=DemoBuildConfig)
     # An instruct checkpoint of the same family as model.path (same architecture and shapes), for the chat_vector
-    # stage: it adds chat_vector.ratio x (instruct - base) to the CPT model (pipeline/chat_vector.py). null: none.
+    # stage: it adds chat_vector.ratio x (instruct - base) to the CPT model (pipeline/stages/chat_vector.py). null: none.
     instruct_path: Optional[str] = DEMO_INSTRUCT_PATH
 
 
@@ -148,7 +148,7 @@ class LoraStageConfig:
                                                "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
                                                "warmup_stable_decay"))
     # Decoder layers that get LoRA (PEFT layers_to_transform): null = all; [8, 9, 10, 11]; "12-23" (inclusive);
-    # "upper_half" / "lower_half". Checked against the model's num_hidden_layers (pipeline/modules.py).
+    # "upper_half" / "lower_half". Checked against the model's num_hidden_layers (pipeline/core/modules.py).
     layers: Any = key(None, doc="null, a list of layer indices, 'a-b', upper_half or lower_half")
     logging_steps: int = key(10, ge=1, runtime=True)
     # Recompute activations in the backward pass: far less memory for ~30% more time (plain path, non-reentrant;
@@ -217,7 +217,7 @@ class EvalConfig:
     models: List[str] = field(default_factory=lambda: ["base", "cpt", "sft"])
     # Base and CPT models are not instruction-tuned: they get a completion prompt; the SFT model gets the chat
     # template (or prompt template) it was trained with. Every model's answer is cut at the first `completion_stop`
-    # after its first non-blank text (pipeline/eval.py); "" cuts nothing.
+    # after its first non-blank text (pipeline/stages/eval.py); "" cuts nothing.
     completion_prompt: str = "質問: {question}\n答え: "
     completion_stop: str = "\n"
     max_new_tokens: int = key(48, ge=1)
@@ -241,7 +241,7 @@ class EvalConfig:
 
 @dataclass
 class ChatVectorConfig:
-    """The chat_vector stage (pipeline/chat_vector.py): CPT model + ratio x (model.instruct_path - model.path)."""
+    """The chat_vector stage (pipeline/stages/chat_vector.py): CPT model + ratio x (model.instruct_path - model.path)."""
 
     ratio: float = key(1.0, ge=0, doc="how much of the chat vector is added")
     # Leave embed_tokens/lm_head as CPT trained them (the reference code's --skip_embed), e.g. when CPT trained
@@ -251,7 +251,7 @@ class ChatVectorConfig:
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking (pipeline/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
+    """Experiment tracking (pipeline/core/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
 
     backend: str = key("none", choices=("none", "mlflow"))  # none: metrics.json and the sweep files only
     # A local store, no server: a relative sqlite path is taken from where the command runs (like every path here).

@@ -14,9 +14,9 @@ import logging
 import random
 from typing import Iterator, List, Optional
 
-from .common import PipelineError, example
-from .data import QAItem, iter_jsonl, load_qa, resolve_files
-from .scoring import normalize
+from pipeline.core.outputs import PipelineError, example
+from pipeline.core.data import QAItem, iter_jsonl, load_qa, resolve_files
+from pipeline.core.scoring import normalize
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _explicit_ids(spec: str, key: str) -> dict:
 def load_disjoint_qa(spec: str, key: str, scored_spec: Optional[str], scored_key: str = "data.qa.path"
                      ) -> List[QAItem]:
     """Load the QA file at `spec` (config key `key`) and refuse it if it shares a question with the scored QA set,
-    by id or by question text after normalisation (pipeline/scoring.py: width, case, punctuation, numerals).
+    by id or by question text after normalisation (pipeline/core/scoring.py: width, case, punctuation, numerals).
 
     Training on, or early-stopping with, a scored question would measure the lever on its own training data.
     """
@@ -192,7 +192,7 @@ def trained_tokens(dataset, is_replay) -> tuple:
 def check_lever_inputs(sections: dict, stages: List[str]) -> None:
     """For run.validate: the files the data-side levers of this run read exist, parse, and stay apart from the
     scored QA set, before any training."""
-    from .data import load_cpt_documents
+    from pipeline.core.data import load_cpt_documents
 
     data, cpt, sft = sections["data"], sections["cpt"], sections["sft"]
     if "cpt" in stages and cpt.qa_mix:

@@ -7,7 +7,7 @@ cut into blocks of model.max_seq_length, built block by block as the Trainer rea
 corpus, not epochs x corpus. Each block is a plain causal sequence (TRL's padding-free packing is only correct with
 FlashAttention's variable-length kernels). With target_modules=attn_mlp_embed the embeddings and head are trained in
 full with their own embedding_learning_rate, as unsloth's UnslothTrainingArguments does. The stage checkpoints every
-cpt.save_steps steps; a run killed midway resumes from its last checkpoint (common.resumable_output, train_stage).
+cpt.save_steps steps; a run killed midway resumes from its last checkpoint (outputs.resumable_output, training.train_stage).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from typing import List
 import numpy as np
 import torch
 
-from .common import (count_4bit_linears, count_trainable, final_loss, load_tokenizer, loss_summary, resolve_device,
-                     resolve_dtype, resumable_output, train_stage, training_arguments, write_json)
-from .config import CptConfig, DataConfig, DataPath, ModelConfig, cache_settings
-from .progress import attach_progress, loss_history
-from .data import load_cpt_documents
-from .backend import add_lora, check_attn_implementation, load_for_training
-from .mixing import mix_qa_into_corpus
-from .modules import (add_tokens, embedding_rows, fit_embeddings, lora_scale, resolve_layers, resolve_targets,
-                      token_training)
+from pipeline.core.checkpoints import count_4bit_linears, load_tokenizer
+from pipeline.core.training import count_trainable, final_loss, loss_summary, train_stage, training_arguments
+from pipeline.core.devices import resolve_device, resolve_dtype
+from pipeline.core.outputs import resumable_output, write_json
+from pipeline.core.config import CptConfig, DataConfig, DataPath, ModelConfig, cache_settings
+from pipeline.core.progress import attach_progress, loss_history
+from pipeline.core.data import load_cpt_documents
+from pipeline.core.backend import add_lora, check_attn_implementation, load_for_training
+from pipeline.core.mixing import mix_qa_into_corpus
+from pipeline.core.modules import (add_tokens, embedding_rows, fit_embeddings, lora_scale, resolve_layers,
+                                   resolve_targets, token_training)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +170,8 @@ def param_groups(model, cfg: CptConfig):
 def key_material(cfg: CptConfig, data_cfg: DataConfig, seed: int) -> dict:
     """What the CPT adapter depends on besides the base model (run.py adds the model settings): the settings, the
     seed, and every file train_cpt reads — the corpus and, with cpt.qa_mix, the QA pairs mixed into it."""
-    from .cache import fingerprint_files
-    from .data import CPT_SUFFIXES, resolve_files
+    from pipeline.cache import fingerprint_files
+    from pipeline.core.data import CPT_SUFFIXES, resolve_files
 
     return {"cpt": cache_settings(cfg), "seed": seed, "text_field": data_cfg.cpt.text_field,
             "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES)),
@@ -247,7 +249,7 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
             "lora_targets": targets.lora, "modules_to_save": targets.modules_to_save, "tied": targets.tied,
             "trainable_parameters": trainable, "load_in_4bit": model_cfg.load_in_4bit,
             "linear_4bit_modules": count_4bit_linears(model), "backend": backend,
-            # unsloth always checkpoints activations (its own way, pipeline/backend.py); the Trainer's flag is off
+            # unsloth always checkpoints activations (its own way, pipeline/core/backend.py); the Trainer's flag is off
             "gradient_checkpointing": True if backend == "unsloth" else bool(args.gradient_checkpointing),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "added_tokens": tok.convert_ids_to_tokens(new_ids), "added_token_ids": new_ids,

@@ -36,8 +36,9 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
-from .common import PipelineError, atomic_output, check_model_dir, declared_tied, load_tokenizer, write_json
-from .config import ChatVectorConfig, ModelConfig, cache_settings
+from pipeline.core.outputs import PipelineError, atomic_output, write_json
+from pipeline.core.checkpoints import check_model_dir, declared_tied, load_tokenizer
+from pipeline.core.config import ChatVectorConfig, ModelConfig, cache_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class _Reader:
 
 def _is_embedding(name: str) -> bool:
     """Whether a tensor belongs to the embedding or the head (embed_tokens, lm_head and the other families' names)."""
-    from .modules import EMBED_NAMES
+    from pipeline.core.modules import EMBED_NAMES
 
     return any(part in EMBED_NAMES for part in name.split(".")[:-1])
 
@@ -167,7 +168,7 @@ def _write_shards(tensors: Iterator[Tuple[str, torch.Tensor]], out_dir: Path) ->
 def key_material(cfg: ChatVectorConfig, model_cfg: ModelConfig) -> dict:
     """What the chat-vector model depends on besides the CPT model (run.py adds it and the base): the settings and
     the instruct checkpoint read here."""
-    from .cache import fingerprint_model
+    from pipeline.cache import fingerprint_model
 
     return {"chat_vector": cache_settings(cfg), "instruct": fingerprint_model(model_cfg.instruct_path)}
 
@@ -177,8 +178,8 @@ def apply_chat_vector(cfg: ChatVectorConfig, model_cfg: ModelConfig, cpt_model_d
     """Write CPT model + cfg.ratio x (instruct - base) to `out_dir` (verified, atomic); returns `out_dir`."""
     from transformers import AutoModelForCausalLM
 
-    from .modules import is_tied
-    from .prompts import apply_chat_template_override, write_prompt_format
+    from pipeline.core.modules import is_tied
+    from pipeline.core.prompts import apply_chat_template_override, write_prompt_format
 
     t0 = time.time()
     out_dir = Path(out_dir)

@@ -7,7 +7,7 @@
 Why MLflow (README, "Tracking"): a sweep maps onto its parent/child runs, one run holds parameters, step-wise and final
 metrics and files together, and the store is one local SQLite file that needs no server.
 
-A run gets the flat config (pipeline.config.flat_config) as parameters, the CPT and SFT training losses per logged
+A run gets the flat config (pipeline.core.config.flat_config) as parameters, the CPT and SFT training losses per logged
 step (`loss_history` in cpt_stats.json / sft_stats.json) as `train/cpt_loss` / `train/sft_loss`, every number of
 metrics.json as a metric (`@` of per-group metrics becomes `/`: `sft/contains/faq`), the stage keys and paths as
 tags, and metrics.json, config.yaml, answers.jsonl and run.log as artifacts. The jobs of a Hydra multirun share a
@@ -32,8 +32,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from hydra.experimental.callback import Callback
 
-from .common import PipelineError
-from .progress import CONSOLE
+from pipeline.core.outputs import PipelineError
+from pipeline.core.progress import CONSOLE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _settings(cfg) -> Tuple[str, str, str]:
     """(backend, uri, experiment) of cfg.tracking, range-checked; `none` for a config without the section."""
     from omegaconf import OmegaConf
 
-    from .config import check_ranges, typed
+    from pipeline.core.config import check_ranges, typed
 
     if OmegaConf.select(cfg, "tracking") is None:
         return "none", "", ""
@@ -162,7 +162,7 @@ def log_run(cfg, run_dir: str | Path, metrics: Dict) -> Optional[str]:
 def _log_mlflow(cfg, run_dir: Path, metrics: Dict, uri: str, experiment: str) -> str:
     from mlflow.entities import Metric, Param
 
-    from .config import flat_config
+    from pipeline.core.config import flat_config
 
     run_dir, uri = Path(run_dir).resolve(), local_uri(uri)
     sweep_dir, job, overrides = _sweep()

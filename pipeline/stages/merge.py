@@ -43,10 +43,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import (PipelineError, atomic_output, is_prequantized, load_model, load_tokenizer, resolve_device,
-                     resolve_dtype, write_json)
-from .config import MergeConfig, ModelConfig
-from .modules import embedding_rows, fit_embeddings, is_tied, meta_model
+from pipeline.core.outputs import PipelineError, atomic_output, write_json
+from pipeline.core.checkpoints import is_prequantized, load_model, load_tokenizer
+from pipeline.core.devices import resolve_device, resolve_dtype
+from pipeline.core.config import MergeConfig, ModelConfig
+from pipeline.core.modules import embedding_rows, fit_embeddings, is_tied, meta_model
 
 log = logging.getLogger(__name__)
 
