@@ -35,6 +35,7 @@ from pipeline.core.checkpoints import check_model_dir, declared_tied, is_prequan
 from pipeline.core.config import (DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges,
                                   flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
+from pipeline.core.mixing import leak_metrics
 from pipeline.core.progress import CONSOLE, route_library_logs
 from pipeline.core.prompts import chat_template_text
 from pipeline.core.tracking import check as check_tracking, log_run
@@ -333,6 +334,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
     cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
     record: Dict[str, object] = {"backend_used": backend}  # + time/<stage>, stage/<stage> (built|reused), key/<stage>
+    # QA files a lever trains or stops on that ask about scored facts: flagged, not refused (pipeline/core/mixing.py)
+    record.update(leak_metrics(data_cfg, typed(cfg, "cpt"), typed(cfg, "sft"), stages))
 
     def run_stage(name: str, link: str, material: dict, build) -> str:
         """Build (or reuse) one stage's output; the run directory gets it as `link` (a symlink into the cache)."""
@@ -434,7 +437,7 @@ def lever_metrics(paths: Dict[str, Optional[str]]) -> Dict:
     for stage, key, fname, names in (
             ("cpt", "cpt_adapter", "cpt_stats.json", ("lora_scale",)),
             ("sft", "sft_adapter", "sft_stats.json", ("lora_scale", "answer_tokens", "replay_tokens", "replay_share",
-                                                      "best_eval_loss", "steps")),
+                                                      "best_eval_loss", "best_checkpoint_step", "steps")),
             ("chat_vector", "cv_model", "chat_vector.json", ("ratio", "tensors_added"))):
         f = Path(paths[key]) / fname if paths.get(key) else None
         if f and f.is_file():
