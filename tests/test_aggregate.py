@@ -75,7 +75,7 @@ def test_aggregate_with_a_failed_job(grid, tmp_path):
 def test_sft_rows_best_first_then_in_job_order(tmp_path):
     """results.csv's SFT rows: finished jobs by sft/contains, best first, equal scores in job order (9 before 10,
     numbers not strings), failed jobs last; the reference rows stay on top."""
-    from pipeline.aggregate import read_jobs, results_table
+    from pipeline.sweep.tables import read_jobs, results_table
 
     for job, sft in [(0, [1, 0, 0, 0]), (1, [1, 1, 1, 0]), (9, [0, 1, 1, 0]), (10, [1, 1, 0, 0])]:
         fake_job(tmp_path, job, {"sft.lora_alpha": 8 * (job + 1)},
@@ -151,7 +151,8 @@ CPT = [1, 1, 1, 0]
 def test_gain_kept_interval_is_paired_over_questions(tmp_path):
     """SFT answers exactly what CPT answered: gain_kept is 1 on every draw that resamples the questions for all three
     models at once (resampling each model on its own would give a wide interval)."""
-    from pipeline.aggregate import cells_table, read_jobs
+    from pipeline.sweep.stats import cells_table
+    from pipeline.sweep.tables import read_jobs
 
     n = 20
     base, cpt = [0] * n, [1, 0] * (n // 2)
@@ -172,7 +173,8 @@ def test_undefined_draws_are_counted_not_dropped(tmp_path):
     """4 questions, CPT taught 2: gain_kept = (0.5 - 0.25) / (0.75 - 0.25) = 0.5 (metrics.json too). A draw without
     either taught question has CPT - base = 0: that happens with probability (2/4)^4 = 6.25%, more than the 2.5% a
     95% interval can absorb, so the interval is reported as undefined, with the count."""
-    from pipeline.aggregate import MAX_UNDEFINED, N_RESAMPLES, cells_table, read_jobs
+    from pipeline.sweep.stats import MAX_UNDEFINED, N_RESAMPLES, cells_table
+    from pipeline.sweep.tables import read_jobs
 
     d = fake_job(tmp_path, 0, {"sft.lora_alpha": 8}, {"base": {"contains": BASE}, "cpt": {"contains": CPT},
                                                        "sft": {"contains": [1, 0, 1, 0]}})
@@ -205,7 +207,7 @@ def test_gain_kept_below_the_threshold_in_the_table(tmp_path):
 
 
 def test_cells_over_seeds_by_hand(tmp_path):
-    from pipeline.aggregate import cells_table
+    from pipeline.sweep.stats import cells_table
 
     jobs = [{"job": str(i), "dir": tmp_path, "status": "ok", "error": None,
              "overrides": {"sft.lora_alpha": 8, "seed": seed},
@@ -229,7 +231,7 @@ def test_cells_over_seeds_by_hand(tmp_path):
 
 def two_cells(tmp_path, seeds=(1, 2), shuffle_b=False):
     """Cells A (sft.lora_alpha=32) and B (=8) on the same CPT model and questions, one job per seed."""
-    from pipeline.aggregate import read_jobs
+    from pipeline.sweep.tables import read_jobs
 
     sft_a = {1: [1, 1, 0, 0], 2: [1, 0, 0, 0]}
     job = 0
@@ -255,7 +257,7 @@ def test_paired_difference_by_hand(tmp_path, shuffle_b):
     questions are resampled: the per-question difference averaged over seeds is [0, 0.5, 0, 0], so a draw of 4
     questions is 0.125 × (times q1 is drawn), Binomial(4, 1/4): 0 with 31.6%, at most 2 with 94.9%, at most 3 with
     99.6%; the 2.5% and 97.5% quantiles are 0 and 3 × 0.125."""
-    from pipeline.aggregate import paired_difference
+    from pipeline.sweep.stats import paired_difference
 
     a, b = two_cells(tmp_path, shuffle_b=shuffle_b)
     d = paired_difference(a, b, "sft/contains")
@@ -269,7 +271,7 @@ def test_paired_difference_by_hand(tmp_path, shuffle_b):
 
 
 def test_paired_difference_resamples_seeds_from_five_on(tmp_path):
-    from pipeline.aggregate import paired_difference
+    from pipeline.sweep.stats import paired_difference
 
     a, b = two_cells(tmp_path, seeds=(1, 2, 3, 4, 5))  # A: seed 1 [1,1,0,0], seed 2 [1,0,0,0], 3-5 [1,1,0,0]
     d = paired_difference(a, b, "sft/contains")
@@ -278,7 +280,7 @@ def test_paired_difference_resamples_seeds_from_five_on(tmp_path):
 
 
 def test_differences_against_a_chosen_baseline(tmp_path, capsys):
-    from pipeline.aggregate import parse_cell_spec
+    from pipeline.sweep.stats import parse_cell_spec
 
     two_cells(tmp_path)
     assert aggregate_main([str(tmp_path)]) == 0  # default baseline: the first cell (job 0: sft.lora_alpha=8)

@@ -102,7 +102,7 @@ def _data_uri(path: Path) -> str:
 
 def write_report(sweep_dir: str | Path, jobs: List[dict], table_df, keys: Sequence[str],
                  heatmap_paths: Sequence[str | Path]) -> Path:
-    """Write `sweep_dir`/report.html from the sweep's jobs (pipeline.aggregate.read_jobs), its results table and
+    """Write `sweep_dir`/report.html from the sweep's jobs (pipeline.sweep.tables.read_jobs), its results table and
     swept keys (results_table) and its heatmap PNGs; returns the file's path."""
     import jinja2
 
