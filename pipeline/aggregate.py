@@ -57,7 +57,8 @@ def aggregate(sweep_dir: str | Path, baseline: Optional[str] = None) -> Path:
     if not diffs.empty:
         diffs.to_csv(sweep_dir / "differences.csv", index=False)
         differences_plot(diffs, [k for k in keys if k not in SEED_KEYS], summary, sweep_dir / "differences.png")
-    (sweep_dir / "results.md").write_text(results_markdown(sweep_dir, jobs, df, keys, cells, cell_keys, summary),
+    (sweep_dir / "results.md").write_text(results_markdown(sweep_dir, jobs, df, keys, cells, cell_keys, summary,
+                                                           diffs),
                                           encoding="utf-8")
     heatmaps(df, keys, sweep_dir, headline_metric(jobs))
     answer_sheet(jobs, keys, sweep_dir / "answers.md")

@@ -28,13 +28,23 @@ def differences_plot(diffs, cell_keys: List[str], summary: Dict, path: Path) -> 
     for ax, metric in zip(axes[0], metrics):
         sel = diffs[diffs["metric"] == metric].reset_index(drop=True)
         labels = [", ".join(f"{k}={r[k]}" for k in cell_keys) for _, r in sel.iterrows()]
+        finite = [float(v) for c in ("difference", "ci_low", "ci_high") if c in sel
+                  for v in sel[c] if v is not None and math.isfinite(float(v))]
+        # an unbounded side (more than 2.5% of the draws at ±inf) runs to the panel's edge, marked with an arrow
+        edge = (min(finite + [0.0]), max(finite + [0.0]))
+        pad = 0.15 * (edge[1] - edge[0] or 1.0)
+        edge = (edge[0] - pad, edge[1] + pad)
         for i, r in sel.iterrows():
             if r["difference"] is None or r["difference"] != r["difference"]:
                 continue
             lo, hi = r.get("ci_low"), r.get("ci_high")
             if lo is not None and lo == lo:
-                ax.plot([lo, hi], [i, i], color="tab:blue", lw=2)
+                ax.plot([max(lo, edge[0]), min(hi, edge[1])], [i, i], color="tab:blue", lw=2)
+                for bound, end, marker in ((lo, edge[0], "<"), (hi, edge[1], ">")):
+                    if math.isinf(bound):
+                        ax.plot(end, i, marker, color="tab:blue")
             ax.plot(r["difference"], i, "o", color="tab:blue")
+        ax.set_xlim(*edge)
         ax.axvline(0, color="grey", lw=1, ls="--")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()

@@ -10,12 +10,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from pipeline.core.config import EvalConfig
 from pipeline.stages.eval import MODEL_NAMES
-from pipeline.sweep.stats import (MAX_UNDEFINED, MIN_SEEDS_TO_RESAMPLE, N_RESAMPLES, QA_METRICS, read_answers, fmt,
-                                  headline_metric, gain_thresholds, parse_value)
+from pipeline.sweep.stats import (ALPHA, MAX_UNDEFINED, MIN_SEEDS_TO_RESAMPLE, N_RESAMPLES, POWER, QA_METRICS,
+                                  clopper_pearson, fmt, gain_thresholds, headline_metric, parse_value, read_answers,
+                                  retention_counts)
 
 GENERAL_METRICS = [f"general_{m}" for m in QA_METRICS]
 # Per-model columns of results.csv (the row's model), when present; results.md leaves out the rarer ones.
-MODEL_COLUMNS = [*QA_METRICS, "judge", "eos_rate", *GENERAL_METRICS, "heldout_ppl"]
+MODEL_COLUMNS = [*QA_METRICS, "judge", "eos_rate", "format_rate", "answer_chars", *GENERAL_METRICS, "heldout_ppl"]
 
 
 def read_jobs(sweep_dir: Path) -> List[dict]:
@@ -94,6 +95,7 @@ def results_table(jobs: List[dict]):
                      **_gain_columns(m, gains, "gain_kept_reason"),
                      "eval.min_gain": min_gain, "eval.min_logprob_gain": min_logprob_gain,
                      **{k: v for k, v in m.items() if k.startswith("transitions/")},
+                     **_retention(m),
                      # what a lever changed, beside its result (docs/levers.md): alpha alone is not comparable
                      # across ranks, the scale is
                      **{k: m.get(k) for k in LEVER_COLUMNS if k in m},
@@ -104,6 +106,8 @@ def results_table(jobs: List[dict]):
     def computed(c):  # a metric no job computed (no judge, no general QA set) gets no column; an empty value does
         if c.startswith(("cpt_gain/", "gain_kept", "transitions/")):
             return c in present
+        if c.startswith("retention"):
+            return "transitions/learned_kept" in present
         return c not in MODEL_COLUMNS and "@" not in c or any(f"{m}/{c}" in present for m in MODEL_NAMES)
 
     df = df[[c for c in df.columns if computed(c)]]
@@ -119,13 +123,26 @@ def results_table(jobs: List[dict]):
     return df.reset_index(drop=True), keys
 
 
-LEVER_COLUMNS = ("cpt/lora_scale", "sft/lora_scale", "sft/replay_share")
+# What a lever did, beside its result: the adapters' scales, the replayed share, how long SFT trained and which
+# checkpoint early stopping kept, and how many records of a lever's QA file ask about scored facts.
+LEVER_COLUMNS = ("cpt/lora_scale", "sft/lora_scale", "sft/replay_share", "sft/steps", "sft/best_checkpoint_step",
+                 "leak/cpt_qa_shared_facts", "leak/dev_qa_shared_facts")
+
+
+def _retention(m: Dict) -> Dict:
+    """retention = learned_kept / learned (by contains) with its Clopper–Pearson interval; nothing without
+    transitions."""
+    kept, learned, _ = retention_counts(m)
+    if learned is None:
+        return {}
+    low, high = clopper_pearson(kept, learned)
+    return {"retention": kept / learned if learned else None, "retention ci_low": low, "retention ci_high": high}
 
 
 def _md_columns(df, keys: List[str]) -> List[str]:
     """results.md shows the main columns; reasons, thresholds, groups and transitions are in results.csv (and the
     reasons and thresholds in the text under the table)."""
-    hidden = ("gain_kept_reason/", "transitions/", "eval.min_")
+    hidden = ("gain_kept_reason/", "transitions/", "eval.min_", "retention ci_")
     rare = {"general_exact_match", "general_char_f1", "general_logprob", "cpt_gain/general_exact_match",
             "cpt_gain/general_char_f1", "cpt_gain/general_logprob", "gain_kept/general_exact_match",
             "gain_kept/general_char_f1"}
@@ -164,6 +181,20 @@ def legend(columns: Sequence[str], keys: Sequence[str], thresholds: str) -> List
         "eval.min_gain": "the threshold in force for gain_kept of share metrics",
         "eval.min_logprob_gain": "the threshold in force for gain_kept of logprob metrics (nats)",
         "eos_rate": "the SFT model: share of answers that ended with EOS within eval.max_new_tokens",
+        "format_rate": "the SFT model: share of answers in the expected format (eval.expected_format; unset: "
+                       "non-empty, ended with EOS, not repetitive)",
+        "answer_chars": "the row's model: mean length of its answers in characters (after the cut to the first line)",
+        "retention": "learned_kept ÷ (learned_kept + learned_lost): the share of the questions CPT taught (contains 0 → "
+                     "1) that the SFT model still answers",
+        "retention ci_low": "lower end of retention's exact (Clopper–Pearson) 95% interval over the questions CPT "
+                            "taught (one CPT run, one SFT run)",
+        "retention ci_high": "upper end of the same interval",
+        "sft/steps": "optimizer steps SFT ran (fewer than planned when early stopping ended it)",
+        "sft/best_checkpoint_step": "the step of the checkpoint early stopping kept (lowest dev loss)",
+        "leak/cpt_qa_shared_facts": "records of data.cpt_qa.path that ask about a scored fact (same normalised answer, "
+                                    "similar question): the lever's result is partly practice on the scored facts",
+        "leak/dev_qa_shared_facts": "records of data.dev_qa.path that ask about a scored fact: early stopping then "
+                                    "chooses its checkpoint partly on the scored answers",
         "cpt/lora_scale": "the CPT adapter's effective scale: lora_alpha / r, or lora_alpha / √r with use_rslora",
         "sft/lora_scale": "the SFT adapter's effective scale: lora_alpha / r, or lora_alpha / √r with use_rslora",
         "sft/replay_share": "replayed CPT-text tokens / all trained SFT tokens (sft.replay_ratio, as achieved)",
@@ -198,19 +229,21 @@ def legend(columns: Sequence[str], keys: Sequence[str], thresholds: str) -> List
 
 
 def _format_cells(df, cell_keys, headline: str) -> str:
-    """The markdown of cells.csv: `value [low, high]` per statistic, each seed's value where there are few."""
-    shown = [f"sft/{headline}", f"gain_kept/{headline}", "gain_kept/logprob", f"cpt/{headline}"]
+    """The markdown of cells.csv: `value [low, high]` per statistic, each model's value where there are few, and
+    what the interval covers."""
+    shown = [f"sft/{headline}", f"gain_kept/{headline}", "gain_kept/logprob", f"cpt/{headline}", "retention",
+             "sft_only"]
     shown = [s for s in dict.fromkeys(shown) if s in df]
-    out = df[cell_keys + ["n_seeds", "interval"]].copy()
+    out = df[cell_keys + ["n_models", "covers"]].copy()
     for name in shown:
         cells = []
         for r in df.to_dict("records"):
             text = fmt(r.get(name))
             if r.get(f"{name} ci_low") is not None and not _isnan(r.get(f"{name} ci_low")):
                 text += f" [{fmt(r[f'{name} ci_low'])}, {fmt(r[f'{name} ci_high'])}]"
-            if r["n_seeds"] > 1 and r["n_seeds"] < MIN_SEEDS_TO_RESAMPLE and r.get(f"{name} per_seed"):
-                text += f" (seeds: {r[f'{name} per_seed']})"
-            if isinstance(r.get(f"{name} note"), str) and r[f"{name} note"]:  # NaN where another row had one
+            if 1 < r["n_models"] < MIN_SEEDS_TO_RESAMPLE and isinstance(r.get(f"{name} per_model"), str):
+                text += f" ({r[f'{name} per_model']})"
+            if isinstance(r.get(f"{name} note"), str) and r[f"{name} note"] and name != "retention":
                 text += f" ({r[f'{name} note']})"
             cells.append(text)
         out[name] = cells
@@ -223,6 +256,12 @@ def _isnan(v) -> bool:
 
 
 
+def _interval(r: Dict) -> str:
+    if r.get("ci_low") is None or _isnan(r.get("ci_low")):
+        return r.get("note") or "-"
+    return f"[{fmt(r['ci_low'], True)}, {fmt(r['ci_high'], True)}]"
+
+
 def _format_best_vs_baseline(summary: Dict) -> List[str]:
     h = summary["headline"]
     lines = ["## Best vs baseline", "",
@@ -230,20 +269,64 @@ def _format_best_vs_baseline(summary: Dict) -> List[str]:
              f"sft/{h} (mean over seeds): {summary['best']}.", ""]
     if not summary["rows"]:
         return lines + ["The baseline is the best cell. differences.csv lists every cell against it.", ""]
-    table = ["| statistic | best | baseline | best − baseline | 95% interval | undefined draws | paired over |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| statistic | best | baseline | best − baseline | 95% interval | Holm p | undefined draws | covers |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
-        ci = (f"[{fmt(r.get('ci_low'), True)}, {fmt(r.get('ci_high'), True)}]" if r.get("ci_low") is not None
-              else r.get("note") or "-")
-        over = (f"{r['n_questions']} questions × seeds {r['seeds']}, resampled: {r['resampled']}"
-                if r.get("n_questions") else r.get("note", ""))
         table.append(f"| {r['metric']} | {fmt(r.get('a'))} | {fmt(r.get('b'))} | {fmt(r.get('difference'), True)} "
-                     f"| {ci} | {r.get('undefined', '-')} | {over} |")
+                     f"| {_interval(r)} | {fmt(r.get('p_holm'))} | {r.get('undefined', '-')} | "
+                     f"{r.get('covers') or r.get('note', '')} |")
     return lines + table + ["", "The difference is the mean over seeds of (best − baseline), question by question "
                             "for the same questions and seeds; an interval that excludes 0 says the difference is "
                             "larger than the choice of questions explains. differences.csv lists every cell.", ""]
 
 
+def _format_differences(diffs, cell_keys: List[str]) -> List[str]:
+    """Every cell minus the baseline, both metrics, with the 95% interval, the Holm-adjusted p-value over the family
+    and the verdict."""
+    if diffs is None or diffs.empty or "difference" not in diffs:
+        return []
+    lines = ["## Every cell vs the baseline", "",
+             "Paired over the same questions and seeds (differences.csv). Each metric's comparisons are one family: "
+             "`Holm p` is the bootstrap p-value for 0, Holm-adjusted over the family; a cell \"differs\" when it "
+             f"is below {ALPHA:g}, and otherwise shows no measurable difference.", "",
+             "| " + " | ".join(cell_keys) + " | metric | difference | 95% interval | Holm p | verdict | family |",
+             "|" + "---|" * (len(cell_keys) + 6)]
+    for r in diffs.to_dict("records"):
+        lines.append("| " + " | ".join(str(r.get(k)) for k in cell_keys) + f" | {r['metric']} | "
+                     f"{fmt(r.get('difference'), True)} | {_interval(r)} | {fmt(r.get('p_holm'))} | "
+                     f"{r.get('verdict') or '-'} | {r.get('family') or '-'} |")
+    return lines + [""]
+
+
+def _format_power(power: Optional[Dict]) -> List[str]:
+    if not power:
+        return []
+    (n05, n05h), (n10, n10h) = power["needed"][0.05], power["needed"][0.10]
+    return ["## What this QA set can detect", "",
+            f"The per-question standard deviation of a paired difference in {power['metric']} (each question's "
+            f"difference averaged over the paired seeds; the median over the {power['k']} comparisons with the "
+            f"baseline) is {power['sd_per_question']:.3f}. With these {power['n_questions']} questions the smallest "
+            f"difference detectable with {POWER:.0%} power is {power['mdd']:.3f} (two-sided {ALPHA:g}), and "
+            f"{power['mdd_holm']:.3f} at Holm's first step over {power['k']} comparisons ({ALPHA:g}/{power['k']}). "
+            f"A difference of 0.05 needs {n05} questions ({n05h} with Holm over {power['k']}), 0.10 needs {n10} "
+            f"({n10h}). Formula: (z(1 − α/2) + z(power)) · sd / √n.", ""]
+
+
+def _format_leaks(df) -> List[str]:
+    cols = [c for c in ("leak/cpt_qa_shared_facts", "leak/dev_qa_shared_facts") if c in df]
+    lines = []
+    for c in cols:
+        hit = df[(df["row"] == "sft") & (df[c].fillna(0) > 0)]
+        if not hit.empty:
+            counts = sorted({int(x) for x in hit[c]})
+            lines.append(f"- {c.split('/')[1].replace('_shared_facts', '')}: jobs {', '.join(map(str, hit['job']))} "
+                         f"use a file asking about {', '.join(map(str, counts))} scored facts")
+    if not lines:
+        return []
+    return ["## Leak check", "",
+            "QA files these jobs trained or stopped on ask about facts of the scored QA set (same answer after the "
+            "scorer's normalisation, similar question; the check can over-report, see pipeline/core/mixing.py). "
+            "Their results are partly practice on the scored facts:", "", *lines, ""]
 
 
 def answer_sheet(jobs: List[dict], keys: List[str], path: Path) -> None:
@@ -297,7 +380,7 @@ def _threshold_text(jobs: List[dict]) -> str:
 
 
 def results_markdown(sweep_dir: Path, jobs: List[dict], df, keys: List[str], cells, cell_keys,
-                     summary: Optional[Dict]) -> str:
+                     summary: Optional[Dict], diffs=None) -> str:
     n_ok = sum(j["status"] == "ok" for j in jobs)
     headline = headline_metric(jobs)
     thresholds = _threshold_text(jobs)
@@ -315,15 +398,21 @@ def results_markdown(sweep_dir: Path, jobs: List[dict], df, keys: List[str], cel
     if reasons:
         md += ["", "Empty gain_kept cells:", "",
                *[f"- {c}: {why} (job{'s' if len(js) > 1 else ''} {', '.join(js)})" for (c, why), js in reasons.items()]]
+    md += ["", *_format_leaks(df)]
     if not cells.empty:
         md += ["", "## Per grid cell: value and 95% interval", "",
-               "One seed: paired bootstrap over questions (each draw resamples the questions once for all three "
-               f"models; {N_RESAMPLES} draws, percentile). Several seeds: mean of the seeds' values with a t-interval; "
-               f"each seed's value is shown when there are fewer than {MIN_SEEDS_TO_RESAMPLE}. A gain_kept interval "
-               f"is undefined when more than {MAX_UNDEFINED:.1%} of the draws fall below the threshold. All "
-               "statistics in cells.csv.", "", _format_cells(cells, cell_keys, headline)]
+               "`n_models` counts distinct models (jobs whose seeds do not reach their model are one), and `covers` "
+               "says what each interval covers. One model: paired bootstrap over questions (each draw resamples the "
+               f"questions once for all three models; {N_RESAMPLES} draws, percentile); retention with its exact "
+               "(Clopper–Pearson) interval over the questions CPT taught. Several models: the mean of their values "
+               f"with a t-interval; each model's value in parentheses when there are fewer than "
+               f"{MIN_SEEDS_TO_RESAMPLE}. A gain_kept draw whose |CPT − base| is below the threshold is kept at ±inf "
+               f"by the ratio's sign, and a side of its interval is unbounded (inf) when more than {MAX_UNDEFINED:.1%} "
+               "of the draws lie there. `sft_only`: questions only the SFT model answers. All statistics in "
+               "cells.csv.", "", _format_cells(cells, cell_keys, headline)]
     if summary:
-        md += ["", *_format_best_vs_baseline(summary)]
+        md += ["", *_format_best_vs_baseline(summary), *_format_differences(diffs, cell_keys),
+               *_format_power(summary.get("power"))]
     md += ["", "## Columns", "", *legend(shown + [c for c in df.columns if c not in shown], keys, thresholds)]
     return "\n".join(md) + "\n"
 
