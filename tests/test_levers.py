@@ -311,7 +311,7 @@ def test_a_reworded_question_about_a_scored_fact_is_found():
 
 
 def test_the_demo_files_as_the_leak_check_reads_them():
-    """The qa_mix pairs ask about all 63 faq facts (PIT practises on them, flagged); the early_stop dev set about none."""
+    """The qa_mix pairs ask about all 63 faq facts (PIT practises on them: flagged); the early_stop dev set, none."""
     from pipeline.core.mixing import shared_facts
 
     root = Path(__file__).resolve().parents[1]

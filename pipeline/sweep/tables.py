@@ -184,8 +184,8 @@ def legend(columns: Sequence[str], keys: Sequence[str], thresholds: str) -> List
         "format_rate": "the SFT model: share of answers in the expected format (eval.expected_format; unset: "
                        "non-empty, ended with EOS, not repetitive)",
         "answer_chars": "the row's model: mean length of its answers in characters (after the cut to the first line)",
-        "retention": "learned_kept ÷ (learned_kept + learned_lost): the share of the questions CPT taught (contains 0 → "
-                     "1) that the SFT model still answers",
+        "retention": "learned_kept ÷ (learned_kept + learned_lost): the share of the questions CPT taught "
+                     "(contains 0 → 1) that the SFT model still answers",
         "retention ci_low": "lower end of retention's exact (Clopper–Pearson) 95% interval over the questions CPT "
                             "taught (one CPT run, one SFT run)",
         "retention ci_high": "upper end of the same interval",
