@@ -352,6 +352,9 @@ def test_n_counts_distinct_models(tmp_path):
                             "not reach it)")
     assert (sft["n_models"], sft["interval"]) == (3, "t over 3 models")
     assert sft["covers"] == "SFT seeds (3 SFT runs), one CPT run, these 4 questions fixed"
+    # the CPT model is one run, whatever the SFT seeds: its interval is over the questions, not [x, x] over seeds
+    assert sft["cpt/contains"] == 0.75 and sft["cpt/contains ci_low"] < 0.75 < sft["cpt/contains ci_high"]
+    assert sft["cpt/contains note"] == "one CPT run: over these 4 questions (resampled)"
 
 
 def test_retention_with_its_exact_interval(tmp_path):

@@ -268,6 +268,23 @@ def fmt(v, signed: bool = False) -> str:
     return f"{v:+.3f}" if signed else f"{v:.3f}"
 
 
+def _question_interval(job: dict, name: str) -> Optional[Dict]:
+    """bootstrap_interval of statistic `name` over the questions of one job's answers.jsonl (None without them)."""
+    import numpy as np
+
+    answers = read_answers(job)
+    if not answers or not all(set(MODEL_NAMES) <= set(a) for a in answers):
+        return None
+    arrays = _score_arrays([answers], [a["id"] for a in answers], [name])
+    try:
+        _check_available(arrays, name)
+    except PipelineError:
+        return None
+    thresholds = gain_thresholds(job["metrics"])
+    return bootstrap_interval([np.arange(len(answers))],
+                              lambda q, axis=-1: _per_seed(arrays, name, thresholds, q)[0])
+
+
 def cells_table(jobs: List[dict], keys: List[str]):
     """Per grid cell: each statistic of cell_statistics with its 95% interval, retention and sft_only.
 
@@ -305,6 +322,14 @@ def cells_table(jobs: List[dict], keys: List[str]):
             per_model["retention"] = [None if n in (None, 0) else k / n for k, n, _ in counts]
             per_model["sft_only"] = [o for _, _, o in counts]
             for name, vals in per_model.items():
+                if n_cpt == 1 and name.startswith("cpt/"):  # one CPT model: its seeds' spread is 0 by construction
+                    res = _question_interval(first, name)
+                    if res:
+                        row[name], row[f"{name} ci_low"], row[f"{name} ci_high"] = (res["value"], res["ci_low"],
+                                                                                   res["ci_high"])
+                        row[f"{name} undefined"] = res["undefined"]
+                        row[f"{name} note"] = f"one CPT run: over {questions} (resampled)"
+                        continue
                 row[f"{name} per_model"] = ", ".join(fmt(v) for v in vals)
                 undefined = sum(v is None for v in vals)
                 row[f"{name} undefined"] = undefined
