@@ -406,7 +406,7 @@ def results_markdown(sweep_dir: Path, jobs: List[dict], df, keys: List[str], cel
                f"questions once for all three models; {N_RESAMPLES} draws, percentile); retention with its exact "
                "(Clopper–Pearson) interval over the questions CPT taught. Several models: the mean of their values "
                f"with a t-interval; each model's value in parentheses when there are fewer than "
-               f"{MIN_SEEDS_TO_RESAMPLE}. A gain_kept draw whose |CPT − base| is below the threshold is kept at ±inf "
+               f"{MIN_SEEDS_TO_RESAMPLE}; `cpt/` statistics of a cell on one CPT run stay over the questions. A gain_kept draw whose |CPT − base| is below the threshold is kept at ±inf "
                f"by the ratio's sign, and a side of its interval is unbounded (inf) when more than {MAX_UNDEFINED:.1%} "
                "of the draws lie there. `sft_only`: questions only the SFT model answers. All statistics in "
                "cells.csv.", "", _format_cells(cells, cell_keys, headline)]
