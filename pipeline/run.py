@@ -38,6 +38,7 @@ from pipeline.stages.eval import TRANSITIONS
 from pipeline.core.progress import CONSOLE, route_library_logs
 from pipeline.core.prompts import chat_template_text
 from pipeline.core.tracking import check as check_tracking, log_run
+from pipeline.core.interrupt import exit_status, ignore_further, interruptible, kept_line
 
 log = logging.getLogger("pipeline.run")
 
@@ -348,6 +349,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                 target.symlink_to(out, target_is_directory=True)
             else:
                 out, reused = Path(build(run_dir / link)), False
+        except KeyboardInterrupt as e:  # SIGINT/SIGTERM: run_and_report says what of this stage was kept
+            e.stage, e.output = name, cache.path(name, key) if cache.enabled else run_dir / link
+            e.finished = [s for s in STAGES if f"stage/{s}" in record]
+            e.save_steps = cfg[name].get("save_steps") if name in ("cpt", "sft") else None
+            raise
         except BaseException as e:
             raise stage_failure(name, e) from e
         record.update({f"time/{name}": round(time.time() - t0, 2), f"stage/{name}": "reused" if reused else "built",
@@ -501,9 +507,11 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
         run_pipeline(cfg, run_dir)
         log.info("run directory: %s", run_dir, extra=CONSOLE)
         return 0
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (pipeline/core/interrupt.py): one line, 130 or 143
+        return interrupted(e, cfg, run_dir, multirun)
     except BaseException as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
-        if isinstance(e, KeyboardInterrupt) or cfg.get("debug") and not multirun:
+        if cfg.get("debug") and not multirun:
             raise
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
@@ -532,10 +540,33 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
                 torch.cuda.empty_cache()
 
 
+def interrupted(error: KeyboardInterrupt, cfg: DictConfig, run_dir: Path, multirun: bool) -> int:
+    """The one line an interruption gets (what was kept, and that the same command resumes), also in error.txt;
+    `debug=true` prints the traceback first. Returns 130 (SIGINT) or 143 (SIGTERM); a sweep stops altogether."""
+    import traceback
+
+    from tqdm import tqdm
+
+    ignore_further()
+    for bar in list(getattr(tqdm, "_instances", ())):  # the training bar: the line goes on a line of its own
+        bar.close()
+    if cfg.get("debug"):
+        traceback.print_exc()
+    line = kept_line(error, getattr(error, "stage", None), getattr(error, "output", None),
+                     getattr(error, "finished", ()), bool(cfg.cache.enabled), getattr(error, "save_steps", None))
+    print(line, file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(f"Interrupted: {line}\n", encoding="utf-8")
+    if multirun:  # the remaining cells must not start: the user (or the scheduler) stopped the sweep
+        raise SystemExit(exit_status(error))
+    return exit_status(error)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
+    with interruptible():  # SIGTERM, like Ctrl-C, ends in run_and_report's one line
+        status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
     if status and not multirun:
         sys.exit(status)
 
