@@ -192,6 +192,14 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if blockers:
                 raise PipelineError(f"backend={cfg.backend} chose unsloth, which cannot run with {blockers[0]}; use "
                                     f"backend=hf")
+    elif model_cfg.build_demo_if_missing:  # built after these checks, but its shapes are known from model.demo now
+        from pipeline.demo_model import demo_meta_model
+
+        meta = demo_meta_model(model_cfg.demo, model_cfg.max_seq_length)
+        for name in ("cpt", "sft"):
+            if name in stages:
+                resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
+                resolve_targets(cfg[name].target_modules, meta, model_cfg.modules, key=f"{name}.target_modules")
 
 
 def check_model_path(model_cfg) -> None:

@@ -73,6 +73,42 @@ def check(cfg) -> None:
     missing = [m for m in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
     if missing and (uri.startswith("sqlite:") or "mlflow" in missing):
         raise PipelineError(f"tracking=mlflow needs {', '.join(missing)}: pip install -e \".[tracking]\"")
+    check_store(uri)
+
+
+def check_store(uri: str) -> None:
+    """The local store can be written: a `sqlite:///` file that is an SQLite database (or empty) in a directory this
+    process may write (its lock file goes next to it), or a directory that exists or can be created. Checked before
+    any training, so an unwritable store is not found out as a warning after hours of it."""
+    import sqlite3
+    import tempfile
+
+    db = _store_path(uri)
+    where = db.parent if db else Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if db and db.exists():
+        if not db.is_file():
+            raise PipelineError(f"tracking.uri={uri}: {db} is not a file; point tracking.uri at an SQLite file")
+        if db.stat().st_size:
+            try:  # reads the header only; a file that is not a database fails here, not in MLflow after training
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                    con.execute("PRAGMA schema_version").fetchone()
+            except sqlite3.DatabaseError as e:
+                raise PipelineError(f"tracking.uri={uri}: {db} is not an SQLite database ({e}); point tracking.uri "
+                                    f"at a new file or an MLflow store") from None
+        if not os.access(db, os.W_OK):
+            raise PipelineError(f"tracking.uri={uri}: {db} is read-only; set tracking.uri to a writable file or "
+                                f"tracking=none")
+    probe = where
+    while not probe.exists():  # the nearest existing ancestor decides whether the directory can be created
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise PipelineError(f"tracking.uri={uri}: cannot write the store there ({e.strerror or e}); set tracking.uri "
+                            f"to a writable location or tracking=none") from None
 
 
 def local_uri(uri: str) -> str:
