@@ -562,6 +562,8 @@ def interrupted(error: KeyboardInterrupt, cfg: DictConfig, run_dir: Path, multir
         traceback.print_exc()
     line = kept_line(error, getattr(error, "stage", None), getattr(error, "output", None),
                      getattr(error, "finished", ()), bool(cfg.cache.enabled), getattr(error, "save_steps", None))
+    if multirun:  # the cells that finished can still be tabled
+        line += f"; the sweep stopped here (python -m pipeline.aggregate {run_dir.parent} tables the finished cells)"
     print(line, file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.txt").write_text(f"Interrupted: {line}\n", encoding="utf-8")

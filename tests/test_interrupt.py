@@ -137,7 +137,10 @@ def test_an_interrupted_sweep_stops(tmp_path, capsys, handlers):
         except KeyboardInterrupt as e:
             interrupted(e, cfg, tmp_path / "3", multirun=True)
     assert stop.value.code == 130
-    assert (tmp_path / "3" / "error.txt").read_text().startswith("Interrupted: interrupted by SIGINT")
+    line = _lines(capsys.readouterr().err)[-1]
+    assert line.startswith("interrupted by SIGINT before the first stage started") and line.endswith(
+        f"; the sweep stopped here (python -m pipeline.aggregate {tmp_path} tables the finished cells)")
+    assert (tmp_path / "3" / "error.txt").read_text() == f"Interrupted: {line}\n"
 
 
 # ------------------------------------------------------------------ the line itself, without a process
