@@ -45,6 +45,7 @@ _MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_CONFIGURE_LOGGING": "
 os.environ.update(_MLFLOW_ENV)
 ARTIFACTS = ("metrics.json", "config.yaml", "answers.jsonl", "lost_questions.jsonl", "run.log")
 SWEEP_ARTIFACTS = ("report.html", "results.csv", "results.md", "cells.csv", "answers.md")
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 _BAD_NAME = re.compile(r"[^\w\-. /:]")  # MLflow's allowed characters in parameter and metric names
 
 
@@ -80,7 +81,6 @@ def check_store(uri: str) -> None:
     """The local store can be written: a `sqlite:///` file that is an SQLite database (or empty) in a directory this
     process may write (its lock file goes next to it), or a directory that exists or can be created. Checked before
     any training, so an unwritable store is not found out as a warning after hours of it."""
-    import sqlite3
     import tempfile
 
     db = _store_path(uri)
@@ -88,13 +88,11 @@ def check_store(uri: str) -> None:
     if db and db.exists():
         if not db.is_file():
             raise PipelineError(f"tracking.uri={uri}: {db} is not a file; point tracking.uri at an SQLite file")
-        if db.stat().st_size:
-            try:  # reads the header only; a file that is not a database fails here, not in MLflow after training
-                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-                    con.execute("PRAGMA schema_version").fetchone()
-            except sqlite3.DatabaseError as e:
-                raise PipelineError(f"tracking.uri={uri}: {db} is not an SQLite database ({e}); point tracking.uri "
-                                    f"at a new file or an MLflow store") from None
+        with open(db, "rb") as f:  # the header only: no connection, so a sweep's other jobs writing it never block
+            header = f.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise PipelineError(f"tracking.uri={uri}: {db} is not an SQLite database (file is not a database); point "
+                                f"tracking.uri at a new file or an MLflow store")
         if not os.access(db, os.W_OK):
             raise PipelineError(f"tracking.uri={uri}: {db} is read-only; set tracking.uri to a writable file or "
                                 f"tracking=none")
