@@ -3,7 +3,7 @@
 | test | the break it catches |
 |---|---|
 | test_eval_scores_the_sft_slot_with_its_trained_adapter | eval's SFT slot scoring the CPT model (adapter ignored) |
-| test_eval_sft_slot_is_the_chat_vector_model_plus_the_adapter | eval's SFT slot on the CPT model, not the chat-vector one |
+| test_eval_sft_slot_is_the_chat_vector_model_plus_the_adapter | eval's SFT slot on the CPT model, not the CV model |
 | test_cells_are_listed_best_first | cells.csv sorted worst-first (or not sorted) |
 | test_a_few_undefined_draws_keep_a_95_percent_interval | a 90% interval in place of the 95% one |
 | test_the_kl_term_is_divided_by_the_steps_tokens | the KL term divided by the micro-batch's tokens |
@@ -18,8 +18,6 @@ The data fingerprint (a same-size edit) is in tests/test_cache_keys.py, the offl
 from __future__ import annotations
 
 import json
-import math
-import re
 
 import pandas as pd
 import pytest
@@ -64,9 +62,9 @@ def test_eval_scores_the_sft_slot_with_its_trained_adapter(tiny_model, trained_a
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     # what the adapter model gives, computed here with PEFT on its own
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(trained_adapter)).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     contexts = [cfg.completion_prompt.format(question=q["question"]) for q in QA]
-    expected = answer_logprobs(model, tok, contexts, [q["answer"] for q in QA], 4, torch.device("cpu"))
+    expected = answer_logprobs(model, tokenizer, contexts, [q["answer"] for q in QA], 4, torch.device("cpu"))
     assert [r["sft"]["logprob"] for r in rows] == pytest.approx(expected, abs=1e-4)
     assert all(abs(r["sft"]["logprob"] - r["cpt"]["logprob"]) > 0.01 for r in rows)  # the adapter changes them
 
@@ -196,8 +194,9 @@ def test_the_dev_set_may_not_ask_a_scored_question(tiny_model, data_files, tmp_p
         raise AssertionError("a model was loaded before the dev set was checked")
     from pipeline.stages.sft import _dev_rows
 
-    dev = write_jsonl(tmp_path / "dev.jsonl", [{"id": "d1", "question": "炉-3の点検は何曜日ですか？", "answer": "月曜日"},
-                                               {"id": "d2", "question": QA[1]["question"], "answer": "1150度"}])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [
+        {"id": "d1", "question": "炉-3の点検は何曜日ですか？", "answer": "月曜日"},
+        {"id": "d2", "question": QA[1]["question"], "answer": "1150度"}])
     message = (r"data\.dev_qa\.path=.*dev\.jsonl and data\.qa\.path=.*qa\.jsonl ask the same question \('d2' and "
                r"'q2'")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
