@@ -196,6 +196,10 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         from pipeline.demo_model import demo_meta_model
 
         meta = demo_meta_model(model_cfg.demo, model_cfg.max_seq_length)
+        positions, length = meta.config.max_position_embeddings, sections["sft"].max_length
+        if length and length > positions:
+            raise PipelineError(f"sft.max_length={length}: longer than the demo model's {positions} positions (it is "
+                                f"built with max(2048, model.max_seq_length))")
         for name in ("cpt", "sft"):
             if name in stages:
                 resolve_layers(sections[name].layers, meta, key=f"{name}.layers")

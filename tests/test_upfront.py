@@ -94,7 +94,8 @@ DEMO = {"model.path": "outputs/demo_base_model", "model.build_demo_if_missing": 
     ({"model.demo.num_layers": 2, "cpt.layers": "2-3"}, r"^cpt\.layers: layer index 2 is out of range; this model "
                                                         r"has num_hidden_layers=2"),
     ({"model.demo.num_heads": 3}, r"^model\.demo\.hidden_size=256: not a multiple of model\.demo\.num_heads=3$"),
-], ids=["cpt module", "sft preset", "sft layer", "layers of a smaller demo", "heads"])
+    ({"sft.max_length": 4096}, r"^sft\.max_length=4096: longer than the demo model's 2048 positions"),
+], ids=["cpt module", "sft preset", "sft layer", "layers of a smaller demo", "heads", "sft length"])
 def test_a_demo_typo_is_refused_before_the_demo_model_is_built(overrides, pattern, tiny_model, data_files, tmp_path,
                                                                capsys, monkeypatch, nothing_loads):
     """A fresh clone (no outputs/demo_base_model yet): the demo model's shapes come from model.demo."""
