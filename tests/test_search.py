@@ -261,3 +261,19 @@ def test_search_command_reuses_cpt_and_continues_after_a_kill(tiny_model, data_f
     report = (sweep / "report.html").read_text()
     assert "Search: Pareto front" in report and "data:image/png;base64" in report
     assert (sweep / "pareto_front.md").read_text().count("CPT trained 1 times")
+
+
+@pytest.mark.parametrize("experiment, dims", [
+    ("lever_search", {"sft.kl_weight", "sft.learning_rate", "sft.replay_ratio", "sft.early_stopping_patience",
+                      "sft.layers"}),
+    ("seed_grid_search", {"cpt.lora_alpha", "sft.lora_alpha", "sft.target_modules"})])
+def test_search_presets_select_the_pareto_sweeper(experiment, dims):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.keep_knowledge_sweeper.pareto_sweeper.ParetoSweeper"
+    assert set(parse_space(sweeper.params).dims) == dims
+    assert parse_constraints(sweeper.constraints) == [("sft/format_rate", ">=", 0.9)]
+    assert cfg.hydra.sweep.dir == f"outputs/searches/{experiment}"  # fixed: running it again continues the study

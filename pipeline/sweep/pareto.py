@@ -282,8 +282,9 @@ def main(argv: List[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep.pareto", description=main.__doc__)
     parser.add_argument("search_dir", metavar="SEARCH_DIR")
-    parser.add_argument("--reference", metavar="RESULTS_CSV", help="a sweep's results.csv: its SFT rows as points")
-    parser.add_argument("--label", default="lever", help="the reference rows' column to label points with")
+    parser.add_argument("--reference", metavar="RESULTS_CSV",
+                        help="a sweep's results.csv: its SFT rows as points, one per label (the mean over its rows)")
+    parser.add_argument("--label", default="lever", help="the reference rows' column to label and group points by")
     parser.add_argument("--out", metavar="PNG", help="where to write the plot (default SEARCH_DIR/pareto.png)")
     args = parser.parse_args(argv)
     d = Path(args.search_dir)
@@ -303,7 +304,8 @@ def main(argv: List[str]) -> int:
             if short in r:
                 r[m] = r[short]
         r["label"] = r[args.label] if args.label in r else r["job"]
-        refs = r
+        cols = [m for m, _ in objectives if m in r]
+        refs = r.groupby("label", sort=False)[cols].mean().reset_index()  # one point per label: the mean over seeds
     out = Path(args.out) if args.out else d / "pareto.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(df, objectives, out, references=refs, title=f"search {d.name}")
