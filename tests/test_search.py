@@ -277,3 +277,22 @@ def test_search_presets_select_the_pareto_sweeper(experiment, dims):
     assert set(parse_space(sweeper.params).dims) == dims
     assert parse_constraints(sweeper.constraints) == [("sft/format_rate", ">=", 0.9)]
     assert cfg.hydra.sweep.dir == f"outputs/searches/{experiment}"  # fixed: running it again continues the study
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("sft.lora_alpha=tag(log, interval(0, 8))", r"error: command-line override .*: a log interval needs a positive "
+                                                 r"start \(got 0\.0\)"),
+    ("hydra.sweeper.objectives=[sft/contains]", r"error: hydra.sweeper.objectives: 'sft/contains': write 'METRIC "
+                                                r"maximize' or 'METRIC minimize'"),
+    ("sft.lora_alpah=choice(8,32)", r"error: hydra.sweeper.params: .*sft.lora_alpah"),
+])
+def test_bad_search_settings_stop_before_any_trial(setting, message, tiny_model, data_files, tmp_path):
+    import re
+
+    sweep = tmp_path / "search"
+    r = run_cli(["-m", "hydra/sweeper=pareto", *tiny_overrides(tiny_model, data_files, **{"hydra.sweep.dir": sweep}),
+                 "sft.r=choice(4,8)", setting])
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(message, lines[0]), r.stderr[-2000:]
+    assert not [p for p in sweep.glob("*") if p.name.isdigit()]  # no trial started
