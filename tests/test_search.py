@@ -183,6 +183,14 @@ def test_rounds_share_a_cpt_model_and_a_failed_trial_does_not_stop_the_search(tm
     assert f"{len(failed)} failed" in md and "stand-in failure" in md
     # contains + general_contains = 1 for every stand-in job: every complete trial is on the front
     assert sum(r["on_front"] for r in records) == 6 - len(failed)
+    # report.html gets the front and the plot (the sweep's own tables are empty here: no real job ran)
+    import pandas as pd
+
+    from pipeline.sweep.report import write_report
+
+    html = write_report(tmp_path, [], pd.DataFrame(), [], []).read_text()
+    assert "Search: Pareto front" in html and html.count("data:image/png;base64") == 1
+    assert html.count("stand-in failure") == len(failed)  # each failed trial listed with its error
 
 
 def test_a_search_killed_mid_trial_continues_when_run_again(tmp_path):

@@ -271,7 +271,9 @@ def report_section(sweep_dir: Path) -> Optional[dict]:
     md = (sweep_dir / "pareto_front.md").read_text(encoding="utf-8").splitlines() \
         if (sweep_dir / "pareto_front.md").is_file() else []
     confirmation = pd.read_csv(sweep_dir / "confirmation.csv") if (sweep_dir / "confirmation.csv").is_file() else None
+    failed = trials[trials["state"] == "FAIL"]
     return {"summary": [line for line in md[1:5] if line.strip()], "front": front, "trials": trials,
+            "failed": [f"trial {r['trial']} (job {r['job']}): {r['error']}" for r in failed.to_dict("records")],
             "plot": sweep_dir / "pareto.png" if (sweep_dir / "pareto.png").is_file() else None,
             "confirmation": confirmation}
 

@@ -104,7 +104,7 @@ def _search(sweep_dir: Path) -> Optional[Dict]:
     if section is None:
         return None
     conf = section["confirmation"]
-    return {"summary": section["summary"], "front": _results(section["front"]),
+    return {"summary": section["summary"], "front": _results(section["front"]), "failed": section["failed"],
             "plot": _data_uri(section["plot"]) if section["plot"] else None,
             "confirmation": _results(conf) if conf is not None else None}
 
