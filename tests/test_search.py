@@ -240,7 +240,8 @@ def _cli_search(model, data, sweep: Path, cache: Path, kill: str | None = None):
         "cpt.lora_alpha=choice(8,16)", "sft.learning_rate=tag(log, interval(1e-4, 1e-2))",
         'hydra.sweeper.constraints=["sft/eos_rate >= 0.0"]']
     args += ["data.general_qa.path=null", "data.heldout.path=null",  # the tiny model's eval: the QA set only
-             'hydra.sweeper.objectives=["sft/contains maximize","sft/logprob maximize"]']
+             'hydra.sweeper.objectives=["sft/contains maximize","sft/logprob maximize"]',
+             "tracking=mlflow", f"tracking.uri=sqlite:///{sweep.parent / 'mlflow.db'}"]
     return run_cli(args, prelude=KILL_ON_NTH_WRITE if kill else None, env={"KILL_ON_WRITE": kill} if kill else None)
 
 
@@ -248,7 +249,8 @@ def _cli_search(model, data, sweep: Path, cache: Path, kill: str | None = None):
 def test_search_command_reuses_cpt_and_continues_after_a_kill(tiny_model, data_files, tmp_path):
     """The real command: killed (SIGKILL) while its second trial writes its answers, then run again. The round's
     three trials share one CPT model (built once, reused twice, per the stage cache's records in metrics.json), the
-    killed trial is rerun into its directory from the cache, and report.html holds the front."""
+    killed trial is rerun into its directory from the cache, and report.html and the MLflow parent run hold the
+    front."""
     sweep, cache = tmp_path / "search", tmp_path / "cache"
     killed = _cli_search(tiny_model, data_files, sweep, cache, kill=rf"{sweep}/1/answers\.jsonl$")
     assert killed.returncode == -9, f"the kill point was never reached: {killed.stderr[-2000:]}"
@@ -269,6 +271,14 @@ def test_search_command_reuses_cpt_and_continues_after_a_kill(tiny_model, data_f
     report = (sweep / "report.html").read_text()
     assert "Search: Pareto front" in report and "data:image/png;base64" in report
     assert (sweep / "pareto_front.md").read_text().count("CPT trained 1 times")
+    # MLflow (tracking=mlflow): the search's files on the sweep's parent run, one child run per job
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("keep-knowledge")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'sweep'")[0]
+    assert {"pareto_front.md", "pareto_front.csv", "trials.csv", "pareto.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.parametrize("experiment, dims", [

@@ -253,6 +253,10 @@ class ParetoSearch(Sweeper):
         if not space.dims:
             raise PipelineError("hydra.sweeper.params: no dimension to search (write e.g. "
                                 "sft.learning_rate: tag(log, interval(1e-4, 1e-3)))")
+        subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir", "${hydra.job.num}") \
+            if self.config is not None else "${hydra.job.num}"
+        if subdir != "${hydra.job.num}":  # trials find their jobs (and a resumed search its reruns) by job number
+            raise PipelineError(f"hydra.sweep.subdir={subdir}: a search needs the default ${{hydra.job.num}}")
         if self.confirm_seeds and "sft.seed" in {k.lstrip("+~") for k in [*space.dims, *space.fixed]}:
             raise PipelineError("hydra.sweeper.confirm_seeds reruns the front over sft.seed: sft.seed cannot also be "
                                 "searched or fixed")
