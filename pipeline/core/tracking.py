@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 _MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_CONFIGURE_LOGGING": "false"}
 os.environ.update(_MLFLOW_ENV)
 ARTIFACTS = ("metrics.json", "config.yaml", "answers.jsonl", "lost_questions.jsonl", "run.log")
-SWEEP_ARTIFACTS = ("report.html", "results.csv", "results.md", "cells.csv", "answers.md")
+SWEEP_ARTIFACTS = ("report.html", "results.csv", "results.md", "cells.csv", "answers.md",
+                   # a search's (pipeline/sweep/pareto.py)
+                   "pareto_front.md", "pareto_front.csv", "trials.csv", "confirmation.csv", "pareto.png")
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 _BAD_NAME = re.compile(r"[^\w\-. /:]")  # MLflow's allowed characters in parameter and metric names
 
