@@ -41,7 +41,8 @@ def lora_model(path, stage_cfg, layers=None):
 # --- layers ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, expected", [
-    (None, None), ([2, 0], [0, 2]), (3, [3]), ("1-2", [1, 2]), ("upper_half", [2, 3]), ("lower_half", [0, 1])])
+    (None, None), ([2, 0], [0, 2]), (3, [3]), ("1-2", [1, 2]), ("upper_half", [2, 3]), ("lower_half", [0, 1]),
+    ("upper_1", [3]), ("upper_3", [1, 2, 3]), ("upper_4", [0, 1, 2, 3])])
 def test_layer_settings(spec, expected):
     layers, pattern = resolve_layers(spec, meta_llama(4), key="sft.layers")
     assert layers == expected and pattern == (None if expected is None else "layers")
@@ -55,7 +56,8 @@ def test_odd_layer_counts_split_with_the_extra_layer_below():
 @pytest.mark.parametrize("spec, message", [
     ([4], r"sft\.layers: layer index 4 is out of range; this model has num_hidden_layers=4 \(indices 0-3\)"),
     ("3-1", r"sft\.layers='3-1': the range's start is above its end"),
-    ("top", r"sft\.layers='top': use null"), ([], r"sft\.layers: no layer selected"),
+    ("top", r"sft\.layers='top': use null"), ("upper_5", r"sft\.layers='upper_5': .* use upper_1 to upper_4"),
+    ("upper_0", r"sft\.layers='upper_0': .* use upper_1 to upper_4"), ([], r"sft\.layers: no layer selected"),
     (["a"], r"sft\.layers=\['a'\]: use null")])
 def test_bad_layer_settings_name_the_key(spec, message):
     with pytest.raises(PipelineError, match=message):
