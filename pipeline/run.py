@@ -132,6 +132,11 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         check_qa_content(load_qa(data_cfg.qa.path), "data.qa.path")
         if data_cfg.general_qa.path:
             check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path"), "data.general_qa.path")
+    for part, used in (("cpt_qa", "cpt" in stages and sections["cpt"].qa_mix),
+                       ("dev_qa", "sft" in stages and sections["sft"].early_stopping_patience)):
+        spec = getattr(data_cfg, part).path
+        if used and spec:  # QA pairs trained on or scored against: the same content rules as data.qa
+            check_qa_content(load_qa(spec, key=f"data.{part}.path"), f"data.{part}.path")
         if data_cfg.heldout.path:
             load_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
         if ev.judge_path:

@@ -234,11 +234,12 @@ def inspect_checkpoint(path, key: str = "model.path", trust_remote_code: bool = 
                                         f"checkpoint's (vocab_size, hidden_size, ...)")
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)
-    except PipelineError:
-        raise
+    except PipelineError as e:  # "<path>: the tokenizer has no eos_token ..."
+        raise PipelineError(f"{key}={e}") from None
     except Exception as e:  # missing or corrupt tokenizer files end in many different exceptions
-        raise PipelineError(f"{key}={path}: the tokenizer does not load ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'})") from None
+        raise PipelineError(f"{key}={path}: the tokenizer does not load from its files (tokenizer.json, "
+                            f"tokenizer_config.json, ...): {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}") from None
     rows = meta.get_input_embeddings().weight.shape[0]
     extra = set(tokenizer.convert_tokens_to_ids(list(add_special_tokens))) if add_special_tokens else set()
     beyond = [i for i in range(rows, len(tokenizer)) if i not in extra]

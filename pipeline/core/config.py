@@ -54,7 +54,8 @@ def check_ranges(obj: Any, prefix: str) -> None:
             for bound, ok, word in tests:  # NaN fails every comparison, so it is refused too
                 if bound in m and not ok(value, m[bound]):
                     why = f" ({m['doc']})" if m.get("doc") else ""
-                    raise PipelineError(f"{name}={value}: must be {word} {m[bound]:g}{why}")
+                    limit = m[bound] if isinstance(m[bound], int) else f"{m[bound]:g}"
+                    raise PipelineError(f"{name}={value}: must be {word} {limit}{why}")
         elif isinstance(value, str) and "choices" in m and value not in m["choices"]:
             raise PipelineError(f"{name}={value!r}: use one of {', '.join(map(str, m['choices']))}")
         elif isinstance(value, str) and "pattern" in m and not re.fullmatch(m["pattern"], value):

@@ -64,8 +64,8 @@ def check_input(path, key: str, expected: str, base_path) -> Optional[dict]:
     the demo model is not built yet). Returns its lineage record (None for an output older than lineage.json)."""
     rec, kind = read_lineage(path), kind_of(path)
     if kind and kind != expected:
-        raise PipelineError(f"inputs.{key}={path}: a {kind}, not a {expected}; inputs.{key} takes the "
-                            f"{expected} directory of an earlier run")
+        raise PipelineError(f"inputs.{key}={path}: holds kind={kind}; inputs.{key} needs kind={expected} (the "
+                            f"{expected} directory of an earlier run)")
     if rec is None:
         # Accepted: refusing would throw away every cached output trained before the record existed (hours of
         # CPT); what can still be checked (the kind, from its stats file) was.
@@ -83,5 +83,5 @@ def check_pair(sft_adapter, cpt_model) -> None:
     sft, cpt = read_lineage(sft_adapter), read_lineage(cpt_model)
     if sft and cpt and sft.get("parent") and sft["parent"]["id"] != cpt["id"]:
         raise PipelineError(f"inputs.sft_adapter={sft_adapter}: trained on another {sft['parent']['kind']} "
-                            f"({sft['parent']['id']}), not on the CPT model {cpt_model} ({cpt['id']}); give the "
-                            f"cpt_model it was trained on")
+                            f"({sft['parent']['id']}), not on {cpt_model} ({cpt['id']}), which eval would load it on; "
+                            f"set inputs.cpt_model to the model it was trained on")

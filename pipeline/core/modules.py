@@ -150,9 +150,8 @@ def check_rank(r: int, targets: Targets, model: nn.Module, key: str) -> None:
                             f"is at most {max(sizes.values())}: {', '.join(f'{n} {sizes[n]}' for n in sorted(sizes))}); "
                             f"a rank above that adds parameters and time, never capacity")
     if narrow:
-        log.warning("%s.r=%d is above min(in, out) of %s: those modules get no more capacity than at rank %s",
-                    key.rsplit(".", 1)[0], r, ", ".join(f"{n} ({sizes[n]})" for n in narrow),
-                    "/".join(str(sizes[n]) for n in narrow))
+        log.warning("%s.r=%d is above min(in, out) of %s: there it adds parameters but no capacity",
+                    key.rsplit(".", 1)[0], r, ", ".join(f"{n} ({sizes[n]})" for n in narrow))
 
 
 def decoder_layers(model: nn.Module) -> tuple:

@@ -144,9 +144,9 @@ def check_format(template: str, key: str) -> None:
                             f"or }}}}") from None
     missing = sorted(required - fields_used)
     if missing:
+        what = {"prompt": "the question", "question": "the question", "answer": "the answer", "gold": "the gold answer"}
         raise PipelineError(f"{key}={template!r}: has no {', '.join('{%s}' % f for f in missing)}, so "
-                            f"{'the question' if 'question' in missing or 'prompt' in missing else 'that text'} "
-                            f"would never reach the model")
+                            f"{' and '.join(what[f] for f in missing)} would never reach the model")
 
 
 SAMPLE_CONVERSATION = [{"role": "user", "content": "質問の例です。"}, {"role": "assistant", "content": "回答の例です。"}]
