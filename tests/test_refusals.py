@@ -281,6 +281,17 @@ def test_valid_format_strings_pass(template, key):
     check_format(template, key)
 
 
+@pytest.mark.parametrize("template, message", [
+    ("Q: {prompt!z}", r"not a valid format string \(Unknown conversion specifier z\)"),
+    ("Q: {prompt:d}", r"not a valid format string \(Unknown format code 'd' for object of type 'str'\)"),
+    ("Q: {0}", r"unknown field \{0\}; it may use \{prompt\}"),
+    ("Q: {}", r"unknown field \{\}"),
+])
+def test_format_strings_that_would_fail_when_formatted(template, message):
+    with pytest.raises(PipelineError, match=message):
+        check_format(template, "model.prompt_template")
+
+
 def test_safetensors_size_must_match_the_header(tiny_model, tmp_path):
     f = tmp_path / "model.safetensors"
     data = (tiny_model / "model.safetensors").read_bytes()
@@ -327,9 +338,12 @@ def test_an_output_from_before_lineage_is_accepted_with_a_warning(tiny_model, tm
 
 
 def test_qa_content_rules():
-    """Same question, same answer (or one of its aliases): accepted; a number that normalises to itself: accepted."""
-    ok = [QAItem("a", "P-101は何トン?", "880トン", ["880t"], where="f:1"),
-          QAItem("b", "P-101は何トン？", "880t", where="f:2"), QAItem("c", "記号は?", "%", where="f:3")]
+    """A question asked again with the first one's alias as its answer, or with the answer in other units (880t is
+    880トン once normalised): accepted. "%" is the one punctuation character the scorer keeps: accepted."""
+    ok = [QAItem("a", "P-101の担当者は?", "佐藤健一", ["佐藤さん"], where="f:1"),
+          QAItem("b", "P-101の担当者は？", "佐藤さん", where="f:2"),
+          QAItem("c", "P-101は何トン?", "880トン", where="f:3"), QAItem("d", "P-101は何トン", "880t", where="f:4"),
+          QAItem("e", "記号は?", "%", where="f:5")]
     check_qa_content(ok, "data.qa.path")
 
 
