@@ -181,6 +181,9 @@ def cases(tmp: Path, model: Path) -> dict:
                                r"csur\.jsonl:1: a lone surrogate '\\ud83d' at character 0"),
         "QA answer of punctuation only": ({"data.qa.path": write_jsonl(tmp / "punct.jsonl", [{**QA[0], "answer": "。」"}])},
                                           r"punct\.jsonl:1: the answer '。」' normalises to nothing"),
+        "dev-set answer of punctuation only": ({"sft.early_stopping_patience": 1, "data.dev_qa.path": write_jsonl(
+            tmp / "dev.jsonl", [{"id": "d1", "question": "P-101は?", "answer": "…"}])},
+            r"dev\.jsonl:1: the answer '…' normalises to nothing"),
         "QA question asked twice": ({"data.qa.path": write_jsonl(tmp / "twice.jsonl", [
             QA[0], {**QA[0], "id": "q9", "question": "P-101の定格能力は何トンですか?", "answer": "990トン"}])},
             r"twice\.jsonl:2: the question of .*twice\.jsonl:1 again, with another answer \('990トン' vs '880トン'\)"),
@@ -197,7 +200,7 @@ CASE_NAMES = [
     "infinite epochs", "rank above every target", "CPT adapter as CPT model", "CPT adapter as SFT adapter",
     "old CPT adapter as CPT model", "CPT model of another base", "SFT adapter of another CPT model",
     "SFT empty answer", "SFT lone surrogate", "QA lone surrogate", "CPT lone surrogate",
-    "QA answer of punctuation only", "QA question asked twice",
+    "QA answer of punctuation only", "dev-set answer of punctuation only", "QA question asked twice",
 ]
 
 
