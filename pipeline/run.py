@@ -95,7 +95,7 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
 
     Order: the config itself (types and the ranges declared in pipeline/core/config.py), the model directory, every data
     file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
-    from pipeline.core.content import check_qa_content, check_sft_content
+    from pipeline.core.content import check_qa_content, check_sft_content, check_tokenizable
     from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
     from pipeline.stages.chat_vector import check_instruct
     from pipeline.core.mixing import check_lever_inputs
@@ -128,8 +128,10 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
     sft_records = load_sft_records(data_cfg.sft.path, where=True) if "sft" in stages else []
     check_sft_content(sft_records)
+    qa_items = []  # tokenized below, once the tokenizer is known
     if "eval" in stages:
-        check_qa_content(load_qa(data_cfg.qa.path), "data.qa.path")
+        qa_items = load_qa(data_cfg.qa.path)
+        check_qa_content(qa_items, "data.qa.path")
         if data_cfg.general_qa.path:
             check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path"), "data.general_qa.path")
     for part, used in (("cpt_qa", "cpt" in stages and sections["cpt"].qa_mix),
@@ -210,6 +212,9 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
                                                           key="sft.target_modules"), meta, "sft.target_modules")
         if {"sft", "eval", "chat_vector"} & set(stages):  # the chat template parses and renders
             check_chat_template(tokenizer, model_cfg, f"model.path={model_cfg.path}", full="sft" in stages)
+        check_tokenizable([(q.where, t) for q in qa_items for t in (q.question, q.answer)], tokenizer, "data.qa.path")
+        check_tokenizable([(r["where"], r["messages"][-1]["content"]) for r in sft_records], tokenizer,
+                          "data.sft.path answers")
         if "sft" in stages:  # every record's prompt leaves room for its answer
             length_key = "sft.max_length" if sections["sft"].max_length else "model.max_seq_length"
             check_sft_lengths(sft_records, tokenizer, model_cfg, sections["sft"].max_length

@@ -359,3 +359,35 @@ def test_sft_prompt_asked_twice_is_logged_not_refused(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "SFT data: 2 records share their prompt with a record that answers differently (e.g. s:1, s:2); kept, as "
         "chat data may answer one prompt in several ways"]
+
+
+def _word_tokenizer():
+    """A tokenizer with an unknown token (the fixture's byte-level BPE has none): words it knows, [UNK] otherwise."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "880": 1, "トン": 2}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+
+def test_text_the_tokenizer_cannot_write_is_logged(caplog):
+    from pipeline.core.content import check_tokenizable
+
+    with caplog.at_level(logging.WARNING):
+        check_tokenizable([("qa:1", "880 トン"), ("qa:2", "880 ㌧"), ("qa:3", "880")], _word_tokenizer(), "data.qa.path")
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.qa.path: 1 texts hold characters the tokenizer maps to [UNK] (e.g. qa:2): the model can never write them"]
+
+
+def test_text_the_tokenizer_raises_on_is_refused_with_its_line():
+    from pipeline.core.content import check_tokenizable
+
+    class Raising:
+        unk_token_id = None
+
+        def __call__(self, text, **kw):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    with pytest.raises(PipelineError, match=r"^qa\.jsonl:7: the tokenizer cannot encode this text \(TypeError: "):
+        check_tokenizable([("qa.jsonl:7", "x")], Raising(), "data.qa.path")

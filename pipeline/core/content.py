@@ -76,3 +76,21 @@ def check_qa_content(items: list, key: str) -> None:
             raise PipelineError(f"{q.where}: the question of {same.where} again, with another answer "
                                 f"({q.answer!r} vs {same.answer!r}); one of them would always be scored wrong: merge "
                                 f"them (one answer, the other as an alias) or make the questions differ ({key})")
+
+
+def check_tokenizable(texts: List[tuple], tokenizer, what: str) -> None:
+    """[(where, text)] through the model's tokenizer: one that raises is refused with its file:line; characters it
+    maps to its unknown token are logged (the model can read around them but never write them, so an answer holding
+    one is never generated exactly; refusing would stop real data over one rare symbol)."""
+    unk, flagged = tokenizer.unk_token_id, []
+    for where, text in texts:
+        try:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # noqa: BLE001 whatever the tokenizer raises, the user needs the line
+            raise PipelineError(f"{where}: the tokenizer cannot encode this text ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+        if unk is not None and unk in ids:
+            flagged.append(where)
+    if flagged:
+        log.warning("%s: %d texts hold characters the tokenizer maps to %s (e.g. %s): the model can never write "
+                    "them", what, len(flagged), tokenizer.unk_token, ", ".join(flagged[:3]))
