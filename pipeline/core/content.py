@@ -8,6 +8,8 @@ where the data may well be meant that way.
 | an answer that normalises to nothing ("。", "…") | allowed: a chat answer may be punctuation | refused: no string metric can ever match it |
 | a lone surrogate (valid JSON "\\ud800") | refused: tokenizers raise | refused |
 | one question, two different answers | logged: chat data has many good answers | refused: one of them is always scored wrong |
+| text the model's tokenizer raises on | refused | refused (data.qa) |
+| characters the tokenizer maps to its unknown token | logged | logged (data.qa): the model can never write them |
 """
 
 from __future__ import annotations
