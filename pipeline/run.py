@@ -93,8 +93,10 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training.
 
-    Order: the config itself (types and the ranges declared in pipeline/core/config.py), the model directory, every data
-    file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
+    Order: the config itself (types and the ranges declared in pipeline/core/config.py, format strings), the model
+    directory, every data file (opened and parsed in full, its content checked: pipeline/core/content.py), earlier
+    stages' outputs (kind and lineage), then what needs the checkpoint read without its weights (module names,
+    positions, vocabulary, LoRA ranks, the chat template, SFT prompt lengths)."""
     from pipeline.core.content import check_qa_content, check_sft_content, check_tokenizable
     from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
     from pipeline.stages.chat_vector import check_instruct
