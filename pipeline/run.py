@@ -31,13 +31,15 @@ from pipeline.core.backend import activate, check_attn_implementation, resolve_b
 from pipeline.cache import StageCache, fingerprint_model, stage_key
 from pipeline.core.outputs import PipelineError, is_complete, log_examples, write_json
 from pipeline.core.devices import check_4bit_support, resolve_device, resolve_dtype
-from pipeline.core.checkpoints import check_model_dir, declared_tied, is_prequantized, load_tokenizer
+from pipeline.core.checkpoints import declared_tied, inspect_checkpoint, is_prequantized
 from pipeline.core.config import (DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges,
-                                  flat_config, typed)
+                                  check_run, flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
 from pipeline.core.mixing import leak_metrics
 from pipeline.core.progress import CONSOLE, route_library_logs
-from pipeline.core.prompts import chat_template_text
+from pipeline.core.lineage import check_input, check_pair
+from pipeline.core.prompts import FORMAT_FIELDS, chat_template_text, check_chat_template, check_format, \
+    check_sft_lengths
 from pipeline.core.tracking import check as check_tracking, log_run
 from pipeline.core.interrupt import exit_status, ignore_further, interruptible, kept_line
 
@@ -93,12 +95,15 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training.
 
-    Order: the config itself (types and the ranges declared in pipeline/core/config.py), the model directory, every data
-    file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
+    Order: the config itself (types and the ranges declared in pipeline/core/config.py, format strings), the model
+    directory, every data file (opened and parsed in full, its content checked: pipeline/core/content.py), earlier
+    stages' outputs (kind and lineage), then what needs the checkpoint read without its weights (module names,
+    positions, vocabulary, LoRA ranks, the chat template, SFT prompt lengths)."""
+    from pipeline.core.content import check_qa_content, check_sft_content, check_tokenizable
     from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
     from pipeline.stages.chat_vector import check_instruct
     from pipeline.core.mixing import check_lever_inputs
-    from pipeline.core.modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_layers, resolve_targets
+    from pipeline.core.modules import add_tokens, check_rank, embedding_rows, is_tied, resolve_layers, resolve_targets
     from pipeline.core.scoring import HEADLINE_METRICS
 
     sections = {name: typed(cfg, name) for name in SECTIONS}
@@ -109,6 +114,14 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     for name in ("cpt", "sft"):
         if sections[name].max_steps == 0:
             raise PipelineError(f"{name}.max_steps=0: use -1 (train {name}.num_epochs) or a positive step count")
+    # Format strings, checked where a stage will format them: a missing field fails only in that stage.
+    readers = {"model.prompt_template": {"sft", "eval", "chat_vector"}, "eval.completion_prompt": {"eval"},
+               "cpt.qa_template": {"cpt"} if sections["cpt"].qa_mix else set(),
+               "eval.judge_prompt": {"eval"} if ev.judge_path else set()}
+    for k in FORMAT_FIELDS:
+        if readers[k] & set(stages):
+            section, name = k.split(".")
+            check_format(getattr(sections[section], name), k)
     check_output_dir(cfg)
     check_model_path(model_cfg)
     for name in ("cpt", "sft"):
@@ -117,16 +130,23 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
                                       f"{name}.attn_implementation")
     if "cpt" in stages:
         load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
-    if "sft" in stages:
-        load_sft_records(data_cfg.sft.path)
+    sft_records = load_sft_records(data_cfg.sft.path, where=True) if "sft" in stages else []
+    check_sft_content(sft_records)
+    qa_items = []  # tokenized below, once the tokenizer is known
     if "eval" in stages:
-        load_qa(data_cfg.qa.path)
+        qa_items = load_qa(data_cfg.qa.path)
+        check_qa_content(qa_items, "data.qa.path")
         if data_cfg.general_qa.path:
-            load_qa(data_cfg.general_qa.path, key="data.general_qa.path")
+            check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path"), "data.general_qa.path")
+    for part, used in (("cpt_qa", "cpt" in stages and sections["cpt"].qa_mix),
+                       ("dev_qa", "sft" in stages and sections["sft"].early_stopping_patience)):
+        spec = getattr(data_cfg, part).path
+        if used and spec:  # QA pairs trained on or scored against: the same content rules as data.qa
+            check_qa_content(load_qa(spec, key=f"data.{part}.path"), f"data.{part}.path")
         if data_cfg.heldout.path:
             load_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
         if ev.judge_path:
-            check_model_dir(ev.judge_path, key="eval.judge_path")
+            inspect_checkpoint(ev.judge_path, "eval.judge_path", model_cfg.trust_remote_code)
         if ev.expected_format:
             try:
                 re.compile(ev.expected_format)
@@ -150,18 +170,25 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     for key in ("cpt_adapter", "cpt_model", "sft_adapter"):
         if cfg.inputs.get(key):
             _require(cfg.inputs.get(key), key, "eval")
+            check_input(cfg.inputs[key], key, key, model_cfg.path)  # its kind, and built on model.path
+    if cfg.inputs.get("sft_adapter") and cfg.inputs.get("cpt_model") and "chat_vector" not in stages:
+        check_pair(cfg.inputs.sft_adapter, cfg.inputs.cpt_model)
     for stage, key in NEEDS.items():
         if stage in stages and PRODUCERS[key] not in stages:
             _require(cfg.inputs.get(key), key, stage)
     check_lever_inputs(sections, stages)  # replay text, QA pairs for CPT, SFT dev set (docs/levers.md)
     if "chat_vector" in stages and not _demo_builds_instruct(model_cfg):
         check_instruct(model_cfg)
+        inspect_checkpoint(model_cfg.instruct_path, "model.instruct_path", model_cfg.trust_remote_code)
     if "sft" in stages or "eval" in stages:
         chat_template_text(model_cfg.chat_template)  # a missing .jinja file is an error, not a template
     if model_cfg.load_in_4bit and ("cpt" in stages or "sft" in stages):
         check_4bit_support(resolve_device(str(cfg.device)))
     if Path(model_cfg.path).exists():
-        config = check_model_dir(model_cfg.path)
+        # safetensors headers, shapes against config.json, model_type, custom code, the tokenizer
+        checkpoint = inspect_checkpoint(model_cfg.path, "model.path", model_cfg.trust_remote_code,
+                                        model_cfg.add_special_tokens)
+        config, meta, tokenizer = checkpoint.config, checkpoint.meta, checkpoint.tokenizer
         positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
             "max_position_embeddings")
         lengths = {"model.max_seq_length": model_cfg.max_seq_length, "sft.max_length": sections["sft"].max_length}
@@ -169,7 +196,6 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if isinstance(positions, int) and v and v > positions:
                 raise PipelineError(f"{k}={v}: longer than the model's {positions} positions "
                                     f"(max_position_embeddings in {model_cfg.path}/config.json)")
-        meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
         if model_cfg.tied_embeddings is not None and is_tied(meta) != model_cfg.tied_embeddings:
             raise PipelineError(f"model.tied_embeddings={str(model_cfg.tied_embeddings).lower()} but the checkpoint "
                                 f"at model.path={model_cfg.path} has {'tied' if is_tied(meta) else 'untied'} "
@@ -182,11 +208,21 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if name in stages:
                 resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
         if "cpt" in stages:
-            resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
-            add_tokens(load_tokenizer(model_cfg.path, model_cfg.trust_remote_code), model_cfg.add_special_tokens,
-                       embedding_rows(meta), f"model.path={model_cfg.path}")
+            check_rank(sections["cpt"].r, resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules,
+                                                          key="cpt.target_modules"), meta, "cpt.target_modules")
+        add_tokens(tokenizer, model_cfg.add_special_tokens, embedding_rows(meta), f"model.path={model_cfg.path}")
         if "sft" in stages:
-            resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
+            check_rank(sections["sft"].r, resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules,
+                                                          key="sft.target_modules"), meta, "sft.target_modules")
+        if {"sft", "eval", "chat_vector"} & set(stages):  # the chat template parses and renders
+            check_chat_template(tokenizer, model_cfg, f"model.path={model_cfg.path}", full="sft" in stages)
+        check_tokenizable([(q.where, t) for q in qa_items for t in (q.question, q.answer)], tokenizer, "data.qa.path")
+        check_tokenizable([(r["where"], r["messages"][-1]["content"]) for r in sft_records], tokenizer,
+                          "data.sft.path answers")
+        if "sft" in stages:  # every record's prompt leaves room for its answer
+            length_key = "sft.max_length" if sections["sft"].max_length else "model.max_seq_length"
+            check_sft_lengths(sft_records, tokenizer, model_cfg, sections["sft"].max_length
+                              or model_cfg.max_seq_length, length_key)
         if backend == "unsloth":  # config.json may not have said whether the embeddings are tied; the model does
             blockers = unsloth_blockers(model_cfg, stages, cfg.cpt.target_modules, cfg.sft.target_modules,
                                         is_tied(meta))
@@ -319,6 +355,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     from pipeline.stages import eval as evaluation
     from pipeline.demo_model import ensure_demo_instruct_model, ensure_demo_model
 
+    check_run(cfg)  # seed, device, backend, stages: typed and in range before anything uses them
     seed, device = int(cfg.seed), str(cfg.device)
     log_examples(bool(cfg.get("log_examples", False)))
     stages = _stage_list(cfg)
@@ -401,6 +438,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
             replay=replay, dev_qa=data_cfg.dev_qa.path, scored_qa=data_cfg.qa.path))
     if "eval" in stages:
         ev = typed(cfg, "eval")
+        if cfg.inputs.get("sft_adapter") and "sft" not in stages and paths["cpt_model"]:
+            check_pair(paths["sft_adapter"], paths.get("cv_model") or paths["cpt_model"])  # trained on this model
         models = {"base": (model_cfg.path, None), "cpt": (paths["cpt_model"], None),
                   "sft": (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])}
         models = {k: models[k] for k in eval_models(cfg, stages)}

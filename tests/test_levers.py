@@ -517,6 +517,9 @@ def test_sft_trains_on_the_chat_vector_model_when_both_run(tiny_model, tiny_inst
     adapter = json.loads((tmp_path / "sft_adapter" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).resolve() == (tmp_path / "cv_model").resolve()
     assert metrics["stage/sft"] in ("built", "reused") and "sft/contains" in metrics
+    cv, sft = (json.loads((tmp_path / d / "lineage.json").read_text()) for d in ("cv_model", "sft_adapter"))
+    assert cv["kind"] == "chat_vector_model" and cv["parent"]["kind"] == "cpt_model"
+    assert sft["parent"] == {"kind": "chat_vector_model", "id": cv["id"]}
 
 
 def test_demo_instruct_sibling_is_its_base_trained_on_chat(tiny_model, data_files, tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from pipeline.core.content import check_documents
 from pipeline.core.outputs import PipelineError
 
 CPT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -69,6 +70,7 @@ def load_cpt_documents(spec: str | None, text_field: str = "text", key: str = "d
                 text = obj.get(text_field)
                 if not isinstance(text, str):
                     raise PipelineError(f"{f}:{lineno}: missing string field '{text_field}' (data.cpt.text_field)")
+                check_documents([{"where": f"{f}:{lineno}", "text": text}])  # JSON can hold a lone surrogate
                 if text.strip():
                     docs.append(text.strip())
         else:
@@ -110,11 +112,14 @@ def _message_list(obj: dict, f: Path, lineno: int) -> List[dict]:
     )
 
 
-def load_sft_records(spec: str | None, key: str = "data.sft.path") -> List[List[dict]]:
+def load_sft_records(spec: str | None, key: str = "data.sft.path", where: bool = False) -> List:
+    """Each record as chat messages; `where=True`: as {"where": "file:line", "messages": [...]} (for the content
+    checks of pipeline/core/content.py)."""
     records = []
     for f in resolve_files(spec, key, (".jsonl",)):
         for lineno, obj in iter_jsonl(f):
-            records.append(_message_list(obj, f, lineno))
+            messages = _message_list(obj, f, lineno)
+            records.append({"where": f"{f}:{lineno}", "messages": messages} if where else messages)
     if not records:
         raise PipelineError(f"{key}={spec}: no SFT records")
     return records
@@ -127,6 +132,7 @@ class QAItem:
     answer: str
     aliases: List[str] = field(default_factory=list)
     group: Optional[str] = None  # optional label; metrics are also reported per group (e.g. cpt/contains@faq)
+    where: str = ""  # file:line, for the content checks' messages
 
 
 def load_qa(spec: str | None, key: str = "data.qa.path") -> List[QAItem]:
@@ -149,7 +155,7 @@ def load_qa(spec: str | None, key: str = "data.qa.path") -> List[QAItem]:
                 raise PipelineError(f"{where}: duplicate id {qid!r} (first at {seen[qid]})")
             seen[qid] = where
             items.append(QAItem(qid, obj["question"].strip(), obj["answer"].strip(), [a.strip() for a in aliases],
-                                group))
+                                group, where))
     if not items:
         raise PipelineError(f"{key}={spec}: no QA records")
     return items

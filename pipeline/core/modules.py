@@ -12,6 +12,7 @@ a list of indices [8, 9, 10, 11], a range "12-23" (inclusive), or "upper_half" /
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.core.outputs import PipelineError
+
+log = logging.getLogger(__name__)
 
 _LLAMA_STYLE = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -127,6 +130,28 @@ def resolve_targets(spec: Any, model: nn.Module, override: Optional[Dict[str, An
         # One shared tensor: train the input embedding copy and re-tie the head to it.
         save = [names["embed"]]
     return Targets(lora=lora, modules_to_save=save, tied=tied, ensure_weight_tying=tied and bool(save))
+
+
+def check_rank(r: int, targets: Targets, model: nn.Module, key: str) -> None:
+    """A LoRA rank above min(in, out) of a target adds parameters and time but no capacity there: B @ A cannot have a
+    higher rank than the layer. Above every LoRA target's (`cpt.r=100000` on a small model, minutes per step for
+    nothing) it is refused; above only some (e.g. a GQA model's narrow k/v projections, while q/o/MLP use the full
+    rank) it is a warning, as the adapter is still what the user asked for everywhere else."""
+    sizes = {}
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets.lora and hasattr(m, "in_features") and hasattr(m, "out_features"):
+            sizes[leaf] = max(sizes.get(leaf, 0), min(m.in_features, m.out_features))
+    if not sizes:
+        return
+    narrow = sorted(n for n, size in sizes.items() if r > size)
+    if len(narrow) == len(sizes):
+        raise PipelineError(f"{key.rsplit('.', 1)[0]}.r={r}: larger than every LoRA target can use (min(in, out) "
+                            f"is at most {max(sizes.values())}: {', '.join(f'{n} {sizes[n]}' for n in sorted(sizes))}); "
+                            f"a rank above that adds parameters and time, never capacity")
+    if narrow:
+        log.warning("%s.r=%d is above min(in, out) of %s: there it adds parameters but no capacity",
+                    key.rsplit(".", 1)[0], r, ", ".join(f"{n} ({sizes[n]})" for n in narrow))
 
 
 def decoder_layers(model: nn.Module) -> tuple:
