@@ -261,9 +261,10 @@ class ExportConfig:
     gguf: List[str] = field(default_factory=list)
     # A llama.cpp checkout (or the copy `make gguf-converter` unpacks from llama-cpp-python's source distribution):
     # the directory holding convert_hf_to_gguf.py and gguf-py/. Read only when export.gguf is not empty.
-    llama_cpp: str = ".venv/llama.cpp"
+    # Runtime: the converter's code enters the key by content (stages/export.py key_material), not by location.
+    llama_cpp: str = key(".venv/llama.cpp", runtime=True)
     # The llama-quantize binary for types other than f16/q8_0; null: <llama_cpp>/build/bin/llama-quantize, then PATH.
-    llama_quantize: Optional[str] = None
+    llama_quantize: Optional[str] = key(None, runtime=True)
     modelfile: bool = True  # an Ollama Modelfile next to the checkpoint
 
 
