@@ -122,3 +122,15 @@ def test_prompt_template_becomes_a_chat_template(tiny_model):
     assert render_prompt(chat, tok, template) == expected
     tok.chat_template = chat_template_from_prompt_template(template)
     assert render_prompt(chat, tok, template) == expected
+
+
+def test_chat_asks_the_export_in_sfts_place(exported, data_files, capsys):
+    from pipeline import chat
+
+    run, _ = exported
+    assert chat.main([str(run), "--question-file", str(data_files["qa"]), "--models", "cpt,sft"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["question", "cpt", "export"]
+    for line, row in zip(lines[2:], map(json.loads, (run / "answers.jsonl").read_text().splitlines())):
+        assert [c.strip() for c in line.strip("|").split("|")] == [row["question"], row["cpt"]["answer"],
+                                                                   row["sft"]["answer"]]
