@@ -43,11 +43,13 @@ DIRECT_TYPES = ("f16", "q8_0")  # written by the converter itself
 QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
                   "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
 # max |Δlogit| allowed, as a share of max |logit| on the check sample, between a GGUF file dequantized by transformers
-# and the safetensors checkpoint (README "Running your model" has the measured figures). f16 rounds every weight to
-# 11 significant bits; q8_0 stores blocks of 32 weights as int8 with one f16 scale; k-quants lose more.
-LOGIT_TOLERANCE = {"f16": 0.01, "q8_0": 0.05}
+# and the safetensors checkpoint, and the share of positions that must keep their top-1 token. f16 rounds every weight
+# to 11 significant bits; q8_0 stores blocks of 32 weights as int8 with one f16 scale; k-quants lose more. Measured on
+# SmolLM2-135M-Instruct (README "Running your model"): f16 0.09% of max |logit|, top-1 99.4%; q8_0 3.1%, 95.6%. A
+# broken conversion (a wrong q/k permutation, a shifted vocabulary) is off by the logits' own size.
+LOGIT_TOLERANCE = {"f16": 0.01, "q8_0": 0.08}
 QUANTIZED_TOLERANCE = 0.25
-TOP1_AGREEMENT = {"f16": 0.99, "q8_0": 0.9}
+TOP1_AGREEMENT = {"f16": 0.95, "q8_0": 0.85}
 
 
 def converter_files(llama_cpp: str) -> List[Path]:
