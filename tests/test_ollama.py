@@ -10,8 +10,10 @@ from pipeline.demo_model import CHAT_TEMPLATE as DEMO
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # SmolLM2-135M-Instruct's own template (as its tokenizer ships it): ChatML with a default system message
-SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-           "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+           "<|im_end|>\n' }}"
+           "{% endif %}"
            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Meta-Llama-3-Instruct's: BOS written by the template, contents trimmed
@@ -20,9 +22,10 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{
           "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 # llm-jp-3-*-instruct's: a fixed instruction header for any system message, EOS after each answer
-LLM_JP_3 = ("{{bos_token}}{% for message in messages %}{% if message['role'] == 'user' %}{{ '\\n\\n### 指示:\\n' + "
-            "message['content'] }}{% elif message['role'] == 'system' %}{{ '以下は、タスクを説明する指示です。要求を適切に満たす"
-            "応答を書きなさい。' }}{% elif message['role'] == 'assistant' %}{{ '\\n\\n### 応答:\\n' + message['content'] + "
+LLM_JP_3 = ("{{bos_token}}{% for message in messages %}{% if message['role'] == 'user' %}"
+            "{{ '\\n\\n### 指示:\\n' + message['content'] }}{% elif message['role'] == 'system' %}"
+            "{{ '以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。' }}"
+            "{% elif message['role'] == 'assistant' %}{{ '\\n\\n### 応答:\\n' + message['content'] + "
             "eos_token }}{% endif %}{% if loop.last and add_generation_prompt %}{{ '\\n\\n### 応答:\\n' }}{% endif %}"
             "{% endfor %}")
 # Mistral's folds the system message into the first user turn: not a sequence of per-role pieces
@@ -75,8 +78,9 @@ def test_llama3_bos_is_left_to_the_runtime(tok):
     """The template writes BOS and the tokenizer adds it: the TEMPLATE has none (llama.cpp adds it)."""
     mf = modelfile(renderer(tok, LLAMA3), [])
     assert "<s>" not in mf["template"] and mf["system"] is None
-    assert render_go(mf["template"], TWO_TURNS[:1]) == ("<|start_header_id|>user<|end_header_id|>\n\nP-101の定格能力は？"
-                                                        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_go(mf["template"], TWO_TURNS[:1]) == (
+        "<|start_header_id|>user<|end_header_id|>\n\nP-101の定格能力は？<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_fixed_system_text_of_llm_jp_3(tok):

@@ -251,7 +251,7 @@ class ChatVectorConfig:
 
 @dataclass
 class ExportConfig:
-    """The export stage (pipeline/stages/export.py): the final model as one standalone checkpoint, for local runtimes."""
+    """The export stage (pipeline/stages/export.py): the final model as one standalone checkpoint for local runtimes."""
 
     # The SFT adapter is merged into the CPT model and stored in this dtype. auto = the base checkpoint's dtype
     # (bfloat16 for most released models, float32 for the demo); float32/bfloat16/float16.

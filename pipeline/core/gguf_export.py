@@ -170,7 +170,8 @@ def check_tokenizer(path: Path, tok, questions: Sequence[str]) -> dict:
         back = g.decode(got, skip_special_tokens=True)
         if got != want or back != q:
             raise PipelineError(f"export.gguf: {path.name}'s tokenizer differs from the checkpoint's on a QA question "
-                                f"(ids {got[:8]}... vs {want[:8]}..., decoded back {'un' if back == q else ''}changed); "
+                                f"(ids {got[:8]}... vs {want[:8]}..., decoded back "
+                                f"{'un' if back == q else ''}changed); "
                                 f"nothing was published")
     return {"questions_round_tripped": len(questions)}
 
