@@ -19,7 +19,13 @@ BIN := $(VENV)/bin
 # Written after a successful install: re-runs skip pip until pyproject.toml (or this file's pins) change.
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test install
+# llama.cpp's HF -> GGUF converter (export.gguf=[f16,q8_0]), unpacked from llama-cpp-python's source distribution,
+# which vendors llama.cpp: its convert_hf_to_gguf.py, conversion/ and gguf-py/ (no compiler needed, nothing is built).
+# The only download is this pip download, at install time; export.llama_cpp points at the result.
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_CPP_DIR := $(VENV)/llama.cpp
+
+.PHONY: demo test install gguf-converter
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.run $(ARGS)
 
@@ -35,3 +41,17 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
+
+gguf-converter: $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py
+
+$(LLAMA_CPP_DIR)/convert_hf_to_gguf.py: | $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),gguf]"
+	rm -rf $(VENV)/llama-cpp-sdist $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PYTHON)" \
+		-d $(VENV)/llama-cpp-sdist
+	tar -xzf $(VENV)/llama-cpp-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP_DIR) \
+		--strip-components=3 llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py \
+		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/LICENSE
+	rm -rf $(VENV)/llama-cpp-sdist

@@ -45,9 +45,9 @@ from pipeline.core.interrupt import exit_status, ignore_further, interruptible, 
 
 log = logging.getLogger("pipeline.run")
 
-STAGES = ("cpt", "merge", "chat_vector", "sft", "eval")
+STAGES = ("cpt", "merge", "chat_vector", "sft", "eval", "export")
 # What each stage consumes, and the inputs.* key that supplies it when the producing stage is not run.
-NEEDS = {"merge": "cpt_adapter", "chat_vector": "cpt_model", "sft": "cpt_model"}
+NEEDS = {"merge": "cpt_adapter", "chat_vector": "cpt_model", "sft": "cpt_model", "export": "cpt_model"}
 PRODUCERS = {"cpt_adapter": "cpt", "cpt_model": "merge"}  # chat_vector is optional between merge and sft
 
 
@@ -176,6 +176,14 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     for stage, key in NEEDS.items():
         if stage in stages and PRODUCERS[key] not in stages:
             _require(cfg.inputs.get(key), key, stage)
+    if "export" in stages:
+        if not ("sft" in stages or "chat_vector" in stages or cfg.inputs.get("sft_adapter")):
+            raise PipelineError("stage export needs the final chat model: add sft (or chat_vector) to stages or set "
+                                "inputs.sft_adapter=PATH")
+        if sections["export"].gguf:
+            from pipeline.core.gguf_export import check_request
+
+            check_request(sections["export"])  # types, the converter, llama-quantize: before any training
     check_lever_inputs(sections, stages)  # replay text, QA pairs for CPT, SFT dev set (docs/levers.md)
     if "chat_vector" in stages and not _demo_builds_instruct(model_cfg):
         check_instruct(model_cfg)
@@ -298,7 +306,7 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
     module's key_material, next to the code that reads them), the model settings it uses, and the identity of each
     stage output it builds on: that stage's key when it runs here, else the fingerprint of the inputs.* directory.
     tests/test_cache_keys.py changes every config key and input file and checks which keys follow."""
-    from pipeline.stages import chat_vector, cpt, sft
+    from pipeline.stages import chat_vector, cpt, export, sft
     from pipeline.stages import eval as evaluation
 
     model_cfg, data_cfg, seed = typed(cfg, "model"), typed(cfg, "data"), int(cfg.seed)
@@ -346,12 +354,17 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
                      "cpt_model": identity("merge", "cpt_model") if {"cpt", "sft"} & set(models) else None,
                      "sft_adapter": identity("sft", "sft_adapter") if "sft" in models else None,
                      "chat_vector": keys.get("chat_vector")})
+    if "export" in stages:
+        add("export", {**model_settings, **template, **export.key_material(typed(cfg, "export")),
+                       "cpt_model": identity("merge", "cpt_model"), "chat_vector": keys.get("chat_vector"),
+                       "sft_adapter": identity("sft", "sft_adapter"),
+                       "eval": keys.get("eval")})  # the model card's table and the answers check
     return materials
 
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
-    from pipeline.stages import chat_vector, cpt, merge, sft
+    from pipeline.stages import chat_vector, cpt, export, merge, sft
     from pipeline.stages import eval as evaluation
     from pipeline.demo_model import ensure_demo_instruct_model, ensure_demo_model
 
@@ -451,6 +464,17 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         metrics = json.loads((eval_dir / "eval_metrics.json").read_text(encoding="utf-8"))
     else:
         metrics = {}
+    if "export" in stages:
+        ex, base = typed(cfg, "export"), paths.get("cv_model") or _require(paths["cpt_model"], "cpt_model", "export")
+        info = {"base_model": model_cfg.path, "base_identity": materials.get("export", {}).get("base"),
+                "stages": export.lineage(materials, cfg.cache.dir if cfg.cache.enabled else None)}
+        info["corpus_fingerprint"] = (info["stages"].get("cpt") or {}).get("data")
+        # eval's SFT answers are compared only when eval scored this adapter (or the chat-vector model it replaces)
+        scored = "eval" in stages and "sft" in eval_models(cfg, stages)
+        paths["export"] = run_stage("export", "export", materials["export"], lambda out: export.export_model(
+            ex, typed(cfg, "merge"), model_cfg, base, paths.get("sft_adapter"), out, device,
+            typed(cfg, "eval") if scored else None, data_cfg.qa.path, str(eval_dir) if scored else None, info))
+        metrics.update(export_metrics(paths["export"]))
     metrics.update(record)
     metrics.update(merge_metrics(paths["cpt_model"]))
     metrics.update(lever_metrics(paths))
@@ -500,6 +524,20 @@ def lever_metrics(paths: Dict[str, Optional[str]]) -> Dict:
         if f and f.is_file():
             stats = json.loads(f.read_text(encoding="utf-8"))
             out.update({f"{stage}/{n}": stats[n] for n in names if stats.get(n) is not None})
+    return out
+
+
+def export_metrics(export_dir: str) -> Dict:
+    """The export's checks as flat metrics (export/...): the merge check, the answers against eval's, GGUF sizes."""
+    check = json.loads((Path(export_dir) / "export_check.json").read_text(encoding="utf-8"))
+    out = {f"export/merge_{k}": v for k, v in (check.get("merge") or {}).items() if isinstance(v, (int, float))}
+    answers = check.get("answers") or {}
+    if answers:
+        out["export/answers_same_as_eval"] = answers["answers_same_as_eval"] / answers["questions"]
+    for g in check.get("gguf") or []:
+        out[f"export/gguf_{g['type']}_bytes"] = g["bytes"]
+        if isinstance(g.get("logits"), dict):
+            out[f"export/gguf_{g['type']}_max_abs_logit_diff"] = g["logits"]["max_abs_logit_diff"]
     return out
 
 

@@ -25,7 +25,7 @@ from pipeline.core.config import SECTIONS
 from pipeline.run import stage_materials
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["cpt", "merge", "chat_vector", "sft", "eval"]
+STAGES = ["cpt", "merge", "chat_vector", "sft", "eval", "export"]
 
 
 def after(*readers: str) -> set:
@@ -62,7 +62,7 @@ TOP_LEVEL = {"seed": after("cpt"), "device": set(), "cache": set(), "debug": set
 # Values to change to where the generic rule (flip, +1, append) would not give a valid config.
 SPECIAL = {"cpt.target_modules": "attn", "sft.target_modules": "attn", "cpt.layers": [0], "sft.layers": [0],
            "model.modules": {"attn": ["q_proj"]}, "model.chat_template": "{{ messages[0]['content'] }}",
-           "model.dtype": "float32", "eval.models": ["cpt", "sft"]}
+           "model.dtype": "float32", "eval.models": ["cpt", "sft"], "export.gguf": ["q8_0"]}
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_every_config_key_moves_exactly_its_stages(setup, gpu):
     before = keys(cfg)
     assert set(before) == set(STAGES)
     checked = []
-    for section in ("model", "data", "cpt", "merge", "chat_vector", "sft", "eval", "tracking"):
+    for section in ("model", "data", "cpt", "merge", "chat_vector", "sft", "eval", "export", "tracking"):
         for key, f in leaves(section):
             part, name = key.split(".")[1], key.split(".")[-1]
             if section == "data" and name == "path":
@@ -306,3 +306,18 @@ def test_a_stage_run_alone_from_cached_inputs_gets_the_chained_key(setup, tmp_pa
     later = with_value(cfg, "inputs.cpt_model", str(cached))
     no_cv = keys(cfg, stages=["cpt", "merge", "sft", "eval"])
     assert keys(later, stages=["sft", "eval"]) == {s: no_cv[s] for s in ("sft", "eval")}
+
+
+def test_gguf_converter_is_keyed_by_content_not_location(setup, tmp_path):
+    """export.gguf's files come from llama.cpp's converter: a changed converter rebuilds the export (only), the same
+    converter elsewhere (export.llama_cpp is runtime) reuses it."""
+    cfg, _, _, _ = setup
+    converter = tmp_path / "llama.cpp"
+    (converter / "gguf-py" / "gguf").mkdir(parents=True)
+    (converter / "convert_hf_to_gguf.py").write_text("# v1\n")
+    cfg = with_value(with_value(cfg, "export.gguf", ["f16"]), "export.llama_cpp", str(converter))
+    before = keys(cfg)
+    moved = shutil.copytree(converter, tmp_path / "elsewhere")
+    assert keys(with_value(cfg, "export.llama_cpp", str(moved))) == before
+    (converter / "convert_hf_to_gguf.py").write_text("# v2\n")
+    assert changed(before, keys(cfg)) == {"export"}

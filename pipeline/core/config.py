@@ -262,6 +262,25 @@ class ChatVectorConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export stage (pipeline/stages/export.py): the final model as one standalone checkpoint for local runtimes."""
+
+    # The SFT adapter is merged into the CPT model and stored in this dtype. auto = the base checkpoint's dtype
+    # (bfloat16 for most released models, float32 for the demo); float32/bfloat16/float16.
+    dtype: str = key("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    # GGUF files to write with llama.cpp's converter, e.g. [f16, q8_0]. Other llama.cpp types (q4_k_m, ...) are made
+    # from the f16 file by llama.cpp's llama-quantize binary, which must be present. []: no GGUF.
+    gguf: List[str] = field(default_factory=list)
+    # A llama.cpp checkout (or the copy `make gguf-converter` unpacks from llama-cpp-python's source distribution):
+    # the directory holding convert_hf_to_gguf.py and gguf-py/. Read only when export.gguf is not empty.
+    # Runtime: the converter's code enters the key by content (stages/export.py key_material), not by location.
+    llama_cpp: str = key(".venv/llama.cpp", runtime=True)
+    # The llama-quantize binary for types other than f16/q8_0; null: <llama_cpp>/build/bin/llama-quantize, then PATH.
+    llama_quantize: Optional[str] = key(None, runtime=True)
+    modelfile: bool = True  # an Ollama Modelfile next to the checkpoint
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (pipeline/core/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
 
@@ -303,6 +322,7 @@ SECTIONS = {
     "chat_vector": ChatVectorConfig,
     "sft": SftConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
     "tracking": TrackingConfig,
 }
 
@@ -346,7 +366,7 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
         else:
             out[prefix] = node
 
-    for key in ("seed", "backend", "model", "data", "cpt", "merge", "chat_vector", "sft", "eval"):
+    for key in ("seed", "backend", "model", "data", "cpt", "merge", "chat_vector", "sft", "eval", "export"):
         if key in container:
             walk(key, container[key])
     out.pop("model.demo", None)

@@ -41,14 +41,19 @@ def _adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def chat_text(messages: List[dict], tokenizer, add_generation_prompt: bool = True) -> str:
+    """`messages` through the tokenizer's chat template, without a BOS text the tokenizer adds itself anyway."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    # The tokenizer adds BOS itself when encoding; a template that also writes it would double it.
+    if tokenizer.bos_token and _adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
+        text = text[len(tokenizer.bos_token):]
+    return text
+
+
 def render_prompt(messages: List[dict], tokenizer, prompt_template: str) -> str:
     """The text the model sees before it answers: chat template with generation prompt, or the prompt template."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The tokenizer adds BOS itself when encoding; a template that also writes it would double it.
-        if tokenizer.bos_token and _adds_bos(tokenizer) and text.startswith(tokenizer.bos_token):
-            text = text[len(tokenizer.bos_token):]
-        return text
+        return chat_text(messages, tokenizer)
     parts, history = [], []
     for m in messages:
         if m["role"] == "assistant":
@@ -57,6 +62,20 @@ def render_prompt(messages: List[dict], tokenizer, prompt_template: str) -> str:
         else:
             history.append(m["content"])
     return "".join(parts) + prompt_template.format(prompt="\n".join(history))
+
+
+def chat_template_from_prompt_template(prompt_template: str) -> str:
+    """A Jinja chat template that renders exactly what render_prompt renders with `prompt_template` (a tokenizer
+    without a chat template), so that an exported model carries the format its SFT adapter was trained with: the
+    user turns since the last answer joined by newlines into {prompt}, each earlier answer followed by a blank line
+    (and, as trained, the model's own answer by EOS)."""
+    before, _, after = prompt_template.partition("{prompt}")
+    raw = lambda text: "{% raw %}" + text + "{% endraw %}" if text else ""  # noqa: E731  literal text, never Jinja
+    turn = raw(before) + "{{ ns.history | join('\\n') }}" + raw(after)
+    return ("{% set ns = namespace(history=[]) %}{% for m in messages %}{% if m['role'] == 'assistant' %}" + turn
+            + "{{ m['content'] }}" + raw("\n\n") + "{% set ns.history = [] %}{% else %}"
+            "{% set ns.history = ns.history + [m['content']] %}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + turn + "{% endif %}")
 
 
 def to_prompt_completion(messages: List[dict], tokenizer, prompt_template: str) -> dict:
