@@ -177,7 +177,7 @@ def eval_table(eval_dir: Optional[str]) -> Optional[str]:
     """The eval's share metrics per model with 95% bootstrap intervals over the questions (markdown), or None."""
     import numpy as np
 
-    from pipeline.aggregate import bootstrap_interval
+    from pipeline.sweep.stats import bootstrap_interval
 
     if not eval_dir or not (Path(eval_dir) / "answers.jsonl").is_file():
         return None
