@@ -7,8 +7,10 @@ here, on the pretraining world's facts (南風工業 and 西海製作所), and i
 whose facts it has never seen:
 
 * `qa`: a statement of a fact -> "質問: <a question about it>\\n答え: <its answer>", the question in one of the
-  relation's question wordings (the same wordings the pretraining corpus asks public facts in);
-* `rewrite`: a statement -> another statement of the same fact.
+  relation's question wordings (the same wordings the pretraining corpus asks public facts in).
+
+Only `qa`: it is the form a small model extracts facts from (the demo's `faq` group), and every other strategy would
+cost this 2-core CPU as much again to learn.
 
 The user turn is the strategy's own prompt template (conf/augment/prompts/ja/<strategy>.txt) with the statement as
 the passage, so the generator learns exactly the prompts the augment stage sends.
@@ -34,18 +36,14 @@ PROMPTS = ROOT / "conf" / "augment" / "prompts" / "ja"
 def records() -> list:
     rng = random.Random(0)
     qa = (PROMPTS / "qa.txt").read_text(encoding="utf-8").strip()
-    rewrite = (PROMPTS / "rewrite.txt").read_text(encoding="utf-8").strip()
     rows = []
     for f in demo.public.facts:
         spec = demo.RELATIONS[f["relation"]]
         statements = [demo.render(t, f) for t in spec["statements"]]
-        for i, s in enumerate(statements):
+        for s in statements:
             question = demo.render(rng.choice(spec["questions"]), f)
             rows.append({"messages": [{"role": "user", "content": qa.format(passage=s)},
                                       {"role": "assistant", "content": f"質問: {question}\n答え: {f['answer']}"}]})
-            other = rng.choice([t for j, t in enumerate(statements) if j != i])
-            rows.append({"messages": [{"role": "user", "content": rewrite.format(passage=s)},
-                                      {"role": "assistant", "content": other}]})
     rng.shuffle(rows)
     return rows
 

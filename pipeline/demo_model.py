@@ -241,7 +241,7 @@ def ensure_demo_generator_model(cfg: DemoBuildConfig, base_dir: str | Path, path
                                 max_seq_length: int) -> Path:
     """The demo's augmentation generator (the augment stage's generator_path in the demo recipe): built like the
     instruct sibling, from the base, but on `cfg.generator_data`, records that rewrite the *public* world's
-    statements into questions and answers or other wordings (data/build_demo_generator_data.py). It has never seen a
+    statements into questions and answers (data/build_demo_generator_data.py). It has never seen a
     factory fact; the augment stage then applies it to the factory's documents."""
     import dataclasses
 

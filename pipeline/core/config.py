@@ -84,7 +84,7 @@ class DemoBuildConfig:
     instruct_num_epochs: float = key(3.0, gt=0)
     instruct_learning_rate: float = key(5.0e-4, gt=0)
     # The augmentation generator (augment.generator_path in the demo's recipe): the base trained in full on these
-    # rewriting records (a passage of the public world -> a question and answer about it, or another wording).
+    # records (a statement of the public world -> a question and answer about it).
     generator_data: str = "data/augment/demo_generator.jsonl"
     generator_num_epochs: float = key(2.0, gt=0)
     generator_learning_rate: float = key(1.0e-3, gt=0)  # a new task, not a style: higher than the instruct sibling's
