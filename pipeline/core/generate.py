@@ -129,7 +129,9 @@ class Generator:
         params = [SamplingParams(temperature=self.temperature, top_p=self.top_p if self.temperature > 0 else 1.0,
                                  max_tokens=self.max_new_tokens, seed=batch_seed(self.seed, first_index + i))
                   for i in range(len(prompts))]
-        results = self.llm.generate([self.render(p) for p in prompts], params, use_tqdm=False)
+        # Token ids, not text: vLLM would add a BOS of its own in front of the one the chat template wrote.
+        ids = self.tokenizer([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
+        results = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         replies = []
         for r in results:
             self.generated_tokens += len(r.outputs[0].token_ids)
