@@ -217,20 +217,22 @@ def compose_cfg(overrides):
         return compose("config", overrides=overrides)
 
 
-def test_cpt_reads_the_generated_text_and_both_stages_are_cached(tiny_model, data_files, tmp_path):
+def test_the_whole_chain_runs_with_augment_and_cpt_reads_the_generated_text(tiny_model, data_files, tmp_path):
     from pipeline.run import run_pipeline
 
     overrides = tiny_overrides(tiny_model, data_files, **{
-        "stages": "[augment,cpt]", "cache.dir": tmp_path / "cache", "augment.generator_path": tiny_model,
+        "stages": "[augment,cpt,merge,sft,eval]", "cache.dir": tmp_path / "cache", "augment.generator_path": tiny_model,
         "augment.prompts_dir": ROOT / "conf/augment/prompts", "augment.max_new_tokens": 8,
-        "augment.passage_tokens": 1, "augment.dedup_similarity": "null", "augment.faithfulness": "false"})
+        "augment.passage_tokens": 1, "augment.dedup_similarity": "null", "augment.faithfulness": "false",
+        "augment.strategies": "{qa:1,rewrite:1}"})  # a random model's rewrites pass the filters left on
     first = run_pipeline(compose_cfg(overrides), tmp_path / "a")
     assert first["stage/augment"] == "built" and first["augment/kept"] > 0
     kept = len(load_augmented(tmp_path / "a" / "augmented", "質問: {question}\n答え: {answer}"))
     cpt_stats = json.loads((tmp_path / "a" / "cpt_adapter" / "cpt_stats.json").read_text(encoding="utf-8"))
     assert cpt_stats["documents"] == 4 + kept  # the originals plus every kept text
+    assert "sft/contains" in first and first["augment/qa/prompts"] == first["augment/rewrite/prompts"] > 0
     again = run_pipeline(compose_cfg(overrides), tmp_path / "b")
-    assert again["stage/augment"] == again["stage/cpt"] == "reused"
+    assert {again[f"stage/{s}"] for s in ("augment", "cpt", "merge", "sft", "eval")} == {"reused"}
     plain = run_pipeline(compose_cfg([o for o in overrides if not o.startswith("stages=")] + ["stages=[cpt]"]),
                          tmp_path / "c")
     assert plain["key/cpt"] != first["key/cpt"], "the augment output is part of CPT's key"

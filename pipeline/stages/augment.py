@@ -29,6 +29,7 @@ batch to the stage's build directory, and a killed run continues after the last 
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -297,8 +298,13 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
         if done:
             log.info("augment: resuming an interrupted build: %d of %d batches already generated", len(done),
                      len(batches))
-        finished_docs = lambda: sum(1 for d, b in last_batch_of_doc.items() if all(  # noqa: E731
-            i in done for i in range(b + 1)))
+        last_batches, first_missing = sorted(last_batch_of_doc.values()), [0]
+
+        def finished_docs() -> int:  # documents whose batches are all done (batches finish in order)
+            while first_missing[0] < len(batches) and first_missing[0] in done:
+                first_missing[0] += 1
+            return bisect.bisect_left(last_batches, first_missing[0])
+
         bar = tqdm(total=len(docs), initial=finished_docs(), desc="augment", unit="doc", dynamic_ncols=True,
                    mininterval=0.5 if os.isatty(2) else 30.0)
         t0, tokens0 = time.time(), 0
