@@ -78,6 +78,14 @@ def test_near_duplicates_and_copies_of_the_passage_are_dropped():
     assert len(kept) == 2, "dedup_similarity=null switches the filter off"
 
 
+def test_a_looping_reply_is_dropped():
+    kept, rejected, _ = run_filters([
+        ("relations", "P-101は雲雀精工製。\nP-101は雲雀精工製。\nP-101は雲雀精工製。"),   # one line three times
+        ("summary", "P-101はプレスプレスプレスです。"),                                  # eval's repetition rule
+        ("summary", "P-101は雲雀精工製の880トンのプレスで、始業点検は15分。")])
+    assert reasons(rejected) == ["repetitive", "repetitive"] and len(kept) == 1
+
+
 def test_a_scored_question_is_dropped_after_normalisation(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": "q1", "question": "P-101の定格能力は何トンですか？",
                                                "answer": "880トン"}])

@@ -13,6 +13,7 @@ parsed into question-answer pairs; the others are kept as text.
 
 Filters, in this order (the first that fails names the reason; counts per strategy in augment_stats.json):
 - unparsed: a `qa` reply without a "質問:/答え:" (or "Question:/Answer:") pair;
+- repetitive: a text that loops (a line three times, or a 2-10 character piece three times in a row, eval's rule);
 - test_question: a generated question equal to a scored question of data.qa.path after the scorer's normalisation
   (pipeline/core/scoring.py): training on it would measure the model on its own training data;
 - ungrounded: a QA answer that the source document does not contain (scoring.contains: numbers compared whole);
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 AUGMENTED_FILE = "augmented.jsonl"
 REPLIES_FILE = "replies.jsonl"  # in the build directory's kept folder: every finished batch's replies
-REASONS = ("unparsed", "test_question", "ungrounded", "unfaithful", "duplicate")
+REASONS = ("unparsed", "repetitive", "test_question", "ungrounded", "unfaithful", "duplicate")
 
 
 # --- prompts and passages ------------------------------------------------------------------------------------------
@@ -136,6 +137,17 @@ def unfaithful_numbers(text: str, source_numbers: set) -> set:
     return numbers(text) - source_numbers
 
 
+def is_looping(text: str) -> bool:
+    """A degenerate reply: the same non-blank line three times, or eval's repetition (a 2-10 character piece three
+    times in a row)."""
+    from collections import Counter
+
+    from pipeline.stages.eval import is_repetitive
+
+    lines = Counter(line.strip() for line in text.splitlines() if line.strip())
+    return is_repetitive(text) or any(n >= 3 for n in lines.values())
+
+
 def is_grounded(answer: str, source: str) -> bool:
     """The answer, normalised, is a contiguous run of the source's normalised text (numbers matched whole)."""
     return bool(contains(source, answer))
@@ -192,7 +204,9 @@ def filter_replies(jobs: List[dict], replies: List[str], docs: List[str], passag
             c["generated"] += 1
             text = item.get("text") or f"{item['question']}\n{item['answer']}"
             reason = None
-            if "question" in item and normalize(item["question"]) in scored_questions:
+            if is_looping(text):
+                reason = "repetitive"
+            elif "question" in item and normalize(item["question"]) in scored_questions:
                 reason = "test_question"
             elif "answer" in item and not is_grounded(item["answer"], docs[d]):
                 reason = "ungrounded"
