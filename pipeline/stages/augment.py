@@ -319,7 +319,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
                 first_missing[0] += 1
             return bisect.bisect_left(last_batches, first_missing[0])
 
-        bar = tqdm(total=len(docs), initial=finished_docs(), desc="augment", unit="doc", dynamic_ncols=True,
+        bar = tqdm(total=len(last_batches), initial=finished_docs(), desc="augment", unit="doc", dynamic_ncols=True,
                    mininterval=0.5 if os.isatty(2) else 30.0)
         t0, tokens0 = time.time(), 0
         with replies_path.open("a", encoding="utf-8") as sink:
