@@ -357,7 +357,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
         with (build / "rejected.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-        n_docs = len(docs)
+        n_docs = len(last_batches)  # documents with at least one passage (all of them unless max_passages cut)
         write_json(build / "augment_stats.json", {
             "generator": str(path), "engine": cfg.engine, "documents": n_docs, "passages": sum(map(len, passages)),
             "prompts": len(jobs), "batches": len(batches), "resumed_batches": resumed,
