@@ -298,7 +298,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
     for b, batch in enumerate(batches):
         for job in batch:
             last_batch_of_doc[job["doc"]] = b
-    source_tokens = gen.count_tokens(docs)
+    source_tokens = gen.count_tokens([p for ps in passages for p in ps])  # the text actually sent
     log.info("augment: %d documents (%d generator tokens) -> %d passages x strategies %s = %d prompts in %d "
              "batches; generator %s (%s)", len(docs), source_tokens, sum(map(len, passages)),
              {k: v for k, v in cfg.strategies.items() if v}, len(jobs), len(batches), path, cfg.engine)
