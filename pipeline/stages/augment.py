@@ -310,6 +310,9 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
         replies_path = build / TRAINER_DIR / REPLIES_FILE
         done = _read_replies(replies_path)
         resumed = len(done)
+        # Only the complete lines go on: a line the kill cut short would hide every batch appended after it.
+        replies_path.write_text("".join(json.dumps({"batch": b, "replies": r}, ensure_ascii=False) + "\n"
+                                        for b, r in sorted(done.items())), encoding="utf-8")
         if done:
             log.info("augment: resuming an interrupted build: %d of %d batches already generated", len(done),
                      len(batches))
