@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # cpt 2: epochs are read one after another (each packing's blocks shuffled within it), no longer mixed.
 # merge 2: streamed from the base's safetensors. sft 2: prompt_format.json beside the adapter. eval 3: numbers
 # matched as whole numbers, one answer-cutting rule, summed judge log-probs, gain_kept/* metrics.
-STAGE_VERSIONS = {"cpt": 2, "merge": 2, "chat_vector": 1, "sft": 2, "eval": 3, "export": 1}
+STAGE_VERSIONS = {"augment": 1, "cpt": 2, "merge": 2, "chat_vector": 1, "sft": 2, "eval": 3, "export": 1}
 LAST_USED = ".last_used"
 
 

@@ -2,6 +2,7 @@
 
     python -m pipeline.demo_model [OUT_DIR]        (the pipeline also runs this when model.path is missing)
     python -m pipeline.demo_model --instruct [OUT_DIR]   its instruct sibling (model.instruct_path, chat_vector stage)
+    python -m pipeline.demo_model --generator [OUT_DIR]  its augmentation generator (augment stage, docs/augmentation.md)
 
 The pretraining text (data/pretrain/) describes a *public* fictional world with the same kinds of facts and question
 formats as the confidential demo domain (data/cpt/), plus general knowledge. The base model therefore knows Japanese
@@ -185,7 +186,7 @@ def ensure_demo_model(cfg: DemoBuildConfig, path: str | Path, max_seq_length: in
 
 
 def build_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, out_dir: str | Path,
-                              max_seq_length: int = 256) -> Path:
+                              max_seq_length: int = 256, data_key: str = "model.demo.instruct_data") -> Path:
     """The demo base model's instruct sibling: the base trained further, in full, on `cfg.instruct_data` (the demo's
     chat records) with its chat template, loss on the answers (TRL SFTTrainer).
 
@@ -205,7 +206,7 @@ def build_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, out_di
     out_dir, t0 = Path(out_dir), time.time()
     tok = load_tokenizer(base_dir)
     rows = [to_prompt_completion(m, tok, "{prompt}")
-            for m in load_sft_records(cfg.instruct_data, key="model.demo.instruct_data")]
+            for m in load_sft_records(cfg.instruct_data, key=data_key)]
     set_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
     stage = LoraStageConfig(learning_rate=cfg.instruct_learning_rate, num_epochs=cfg.instruct_num_epochs,
@@ -231,7 +232,7 @@ def build_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, out_di
 
 
 def ensure_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, path: str | Path,
-                               max_seq_length: int) -> Path:
+                               max_seq_length: int, data_key: str = "model.demo.instruct_data") -> Path:
     """Build the instruct sibling of the demo model at `base_dir` unless it is at `path`, built from that same base
     (a rebuilt base makes the old sibling's difference meaningless: it is rebuilt too)."""
     import json
@@ -250,8 +251,23 @@ def ensure_demo_instruct_model(cfg: DemoBuildConfig, base_dir: str | Path, path:
             shutil.rmtree(path)
         if not (path / "config.json").is_file():
             log.info("model.instruct_path=%s does not exist: building the demo instruct model (once)", path)
-            build_demo_instruct_model(cfg, base_dir, path, max_seq_length)
+            build_demo_instruct_model(cfg, base_dir, path, max_seq_length, data_key)
     return path
+
+
+def ensure_demo_generator_model(cfg: DemoBuildConfig, base_dir: str | Path, path: str | Path,
+                                max_seq_length: int) -> Path:
+    """The demo's augmentation generator (the augment stage's generator_path in the demo recipe): built like the
+    instruct sibling, from the base, but on `cfg.generator_data`, records that rewrite the *public* world's
+    statements into questions and answers (data/build_demo_generator_data.py). It has never seen a
+    factory fact; the augment stage then applies it to the factory's documents."""
+    import dataclasses
+
+    gen_cfg = dataclasses.replace(cfg, instruct_data=cfg.generator_data, instruct_num_epochs=cfg.generator_num_epochs,
+                                  instruct_learning_rate=cfg.generator_learning_rate)
+    # a prompt template, a statement and the reply: longer than the demo's 128-token blocks
+    return ensure_demo_instruct_model(gen_cfg, base_dir, path, max(max_seq_length, 256),
+                                      data_key="model.demo.generator_data")
 
 
 def main(argv: List[str]) -> None:
@@ -259,15 +275,19 @@ def main(argv: List[str]) -> None:
     its instruct sibling (the base model is built first if needed)."""
     from hydra import compose, initialize_config_dir
 
-    from pipeline.core.config import typed
+    from pipeline.core.config import DEMO_GENERATOR_PATH, typed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         model_cfg = typed(compose("config", overrides=["model=demo"]), "model")
-    instruct = "--instruct" in argv
-    argv = [a for a in argv if a != "--instruct"]
-    if instruct:
+    instruct, generator = "--instruct" in argv, "--generator" in argv
+    argv = [a for a in argv if a not in ("--instruct", "--generator")]
+    if generator:
+        base = ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
+        ensure_demo_generator_model(model_cfg.demo, base, argv[0] if argv else DEMO_GENERATOR_PATH,
+                                    model_cfg.max_seq_length)
+    elif instruct:
         base = ensure_demo_model(model_cfg.demo, model_cfg.path, model_cfg.max_seq_length)
         ensure_demo_instruct_model(model_cfg.demo, base, argv[0] if argv else model_cfg.instruct_path,
                                    model_cfg.max_seq_length)

@@ -32,8 +32,8 @@ from pipeline.cache import StageCache, fingerprint_model, stage_key
 from pipeline.core.outputs import PipelineError, is_complete, log_examples, write_json
 from pipeline.core.devices import check_4bit_support, resolve_device, resolve_dtype
 from pipeline.core.checkpoints import declared_tied, inspect_checkpoint, is_prequantized
-from pipeline.core.config import (DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges,
-                                  check_run, flat_config, typed)
+from pipeline.core.config import (DEMO_GENERATOR_PATH, DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings,
+                                  check_ranges, check_run, flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
 from pipeline.core.mixing import leak_metrics
 from pipeline.core.progress import CONSOLE, route_library_logs
@@ -45,7 +45,7 @@ from pipeline.core.interrupt import exit_status, ignore_further, interruptible, 
 
 log = logging.getLogger("pipeline.run")
 
-STAGES = ("cpt", "merge", "chat_vector", "sft", "eval", "export")
+STAGES = ("augment", "cpt", "merge", "chat_vector", "sft", "eval", "export")
 # What each stage consumes, and the inputs.* key that supplies it when the producing stage is not run.
 NEEDS = {"merge": "cpt_adapter", "chat_vector": "cpt_model", "sft": "cpt_model", "export": "cpt_model"}
 PRODUCERS = {"cpt_adapter": "cpt", "cpt_model": "merge"}  # chat_vector is optional between merge and sft
@@ -81,7 +81,7 @@ def _stage_list(cfg: DictConfig) -> list:
 
 def _require(path: Optional[str], key: str, stage: str) -> str:
     """The completed output directory that `stage` reads (from this run, or from inputs.<key>)."""
-    producer = {"cpt_adapter": "cpt", "cpt_model": "merge", "sft_adapter": "sft"}[key]
+    producer = {"augmented": "augment", "cpt_adapter": "cpt", "cpt_model": "merge", "sft_adapter": "sft"}[key]
     if not path:
         raise PipelineError(f"stage {stage} needs a {key.replace('_', ' ')}: add {producer} to stages or set "
                             f"inputs.{key}=PATH")
@@ -128,8 +128,10 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
         if name in stages:
             check_attn_implementation(sections[name].attn_implementation, resolve_device(str(cfg.device)),
                                       f"{name}.attn_implementation")
-    if "cpt" in stages:
+    if "cpt" in stages or "augment" in stages:
         load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
+    if "augment" in stages:
+        check_augment(sections["augment"], model_cfg, data_cfg, str(cfg.device))
     sft_records = load_sft_records(data_cfg.sft.path, where=True) if "sft" in stages else []
     check_sft_content(sft_records)
     qa_items = []  # tokenized below, once the tokenizer is known
@@ -173,6 +175,8 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             check_input(cfg.inputs[key], key, key, model_cfg.path)  # its kind, and built on model.path
     if cfg.inputs.get("sft_adapter") and cfg.inputs.get("cpt_model") and "chat_vector" not in stages:
         check_pair(cfg.inputs.sft_adapter, cfg.inputs.cpt_model)
+    if cfg.inputs.get("augmented") and "cpt" in stages and "augment" not in stages:
+        _require(cfg.inputs.get("augmented"), "augmented", "cpt")
     for stage, key in NEEDS.items():
         if stage in stages and PRODUCERS[key] not in stages:
             _require(cfg.inputs.get(key), key, stage)
@@ -264,6 +268,30 @@ def check_model_path(model_cfg) -> None:
                             f"checkpoint)")
 
 
+def check_augment(aug, model_cfg, data_cfg, device: str) -> None:
+    """The augment stage's inputs: its prompt templates, the engine, the generator (unless the demo builds it), and
+    the scored QA set its test-question filter reads."""
+    from pipeline.core.data import load_qa
+    from pipeline.core.generate import check_engine
+    from pipeline.stages.augment import generator_path, load_templates
+
+    load_templates(aug)
+    check_engine(aug.engine, device)
+    path = generator_path(aug, model_cfg)
+    if not _demo_builds(model_cfg, path):
+        # the same checks as model.path: headers, shapes, model_type, custom code, the tokenizer
+        inspect_checkpoint(path, "augment.generator_path" if aug.generator_path else "model.instruct_path "
+                           "(augment.generator_path's default)", model_cfg.trust_remote_code)
+    if data_cfg.qa.path:
+        load_qa(data_cfg.qa.path)
+
+
+def _demo_builds(model_cfg, path: Optional[str]) -> bool:
+    """The demo's instruct sibling and augmentation generator are built on first use, at their own paths only."""
+    return bool(model_cfg.build_demo_if_missing and path and not Path(path).exists() and Path(path).resolve() in
+                (Path(DEMO_INSTRUCT_PATH).resolve(), Path(DEMO_GENERATOR_PATH).resolve()))
+
+
 def _demo_builds_instruct(model_cfg) -> bool:
     """The demo's instruct sibling is built on first use (at its own path only), after validation."""
     return bool(model_cfg.build_demo_if_missing and model_cfg.instruct_path
@@ -306,7 +334,7 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
     module's key_material, next to the code that reads them), the model settings it uses, and the identity of each
     stage output it builds on: that stage's key when it runs here, else the fingerprint of the inputs.* directory.
     tests/test_cache_keys.py changes every config key and input file and checks which keys follow."""
-    from pipeline.stages import chat_vector, cpt, export, sft
+    from pipeline.stages import augment, chat_vector, cpt, export, sft
     from pipeline.stages import eval as evaluation
 
     model_cfg, data_cfg, seed = typed(cfg, "model"), typed(cfg, "data"), int(cfg.seed)
@@ -333,9 +361,16 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
                       "backend": backend}  # unsloth's kernels give other numbers than the plain path
     template = {"prompt_template": model_cfg.prompt_template,
                 "chat_template": chat_template_text(model_cfg.chat_template)}
+    if "augment" in stages:
+        a = typed(cfg, "augment")
+        add("augment", augment.key_material(a, model_cfg, data_cfg, seed if a.seed is None else a.seed, dtype))
     if "cpt" in stages:
         c = typed(cfg, "cpt")
-        add("cpt", {**model_settings, **cpt.key_material(c, data_cfg, seed if c.seed is None else c.seed)})
+        # The generated text is part of CPT's data: the augment output's identity enters CPT's key (only when there
+        # is one, so that the keys of runs without augmentation stay what they were).
+        augmented = identity("augment", "augmented")
+        add("cpt", {**model_settings, **cpt.key_material(c, data_cfg, seed if c.seed is None else c.seed),
+                    **({"augmented": augmented} if augmented else {})})
     if "merge" in stages:
         add("merge", {"base": base_id, "cpt": identity("cpt", "cpt_adapter"),
                       "merge": cache_settings(typed(cfg, "merge"))})
@@ -364,9 +399,9 @@ def stage_materials(cfg: DictConfig, stages: list, backend: str) -> Dict[str, di
 
 def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     """Run the configured stages into `run_dir`; returns the metrics written to metrics.json."""
-    from pipeline.stages import chat_vector, cpt, export, merge, sft
+    from pipeline.stages import augment, chat_vector, cpt, export, merge, sft
     from pipeline.stages import eval as evaluation
-    from pipeline.demo_model import ensure_demo_instruct_model, ensure_demo_model
+    from pipeline.demo_model import ensure_demo_generator_model, ensure_demo_instruct_model, ensure_demo_model
 
     check_run(cfg)  # seed, device, backend, stages: typed and in range before anything uses them
     seed, device = int(cfg.seed), str(cfg.device)
@@ -391,10 +426,17 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         if "chat_vector" in stages and _demo_builds_instruct(model_cfg):
             ensure_demo_instruct_model(model_cfg.demo, model_cfg.path, model_cfg.instruct_path,
                                        model_cfg.max_seq_length)
+        if "augment" in stages:
+            generator = augment.generator_path(typed(cfg, "augment"), model_cfg)
+            if _demo_builds(model_cfg, generator):
+                build = (ensure_demo_generator_model if Path(generator).resolve() == Path(DEMO_GENERATOR_PATH).resolve()
+                         else ensure_demo_instruct_model)
+                build(model_cfg.demo, model_cfg.path, generator, model_cfg.max_seq_length)
         validate(cfg, stages, backend)  # now the target modules can be checked against the built model
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
 
-    paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
+    paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("augmented", "cpt_adapter", "cpt_model",
+                                                                       "sft_adapter")}
     cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
     record: Dict[str, object] = {"backend_used": backend}  # + time/<stage>, stage/<stage> (built|reused), key/<stage>
     # QA files a lever trains or stops on that ask about scored facts: flagged, not refused (pipeline/core/mixing.py)
@@ -428,12 +470,16 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         return str(out)
 
     materials = stage_materials(cfg, stages, backend)  # every key before the first stage runs
+    if "augment" in stages:
+        a = typed(cfg, "augment")
+        paths["augmented"] = run_stage("augment", "augmented", materials["augment"], lambda out: augment.augment_corpus(
+            a, model_cfg, data_cfg, seed if a.seed is None else a.seed, out, device))
     if "cpt" in stages:
         c = typed(cfg, "cpt")
         cpt_seed = seed if c.seed is None else c.seed
         paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", materials["cpt"], lambda out: cpt.train_cpt(
             c, model_cfg, data_cfg.cpt, cpt_seed, out, device, backend, qa_pairs=data_cfg.cpt_qa.path,
-            scored_qa=data_cfg.qa.path))
+            scored_qa=data_cfg.qa.path, augmented=paths.get("augmented")))
     if "merge" in stages:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
         paths["cpt_model"] = run_stage("merge", "cpt_model", materials["merge"], lambda out: merge.merge_adapter(
@@ -478,6 +524,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     metrics.update(record)
     metrics.update(merge_metrics(paths["cpt_model"]))
     metrics.update(lever_metrics(paths))
+    metrics.update(augment_metrics(paths.get("augmented")))
     metrics.update({k: v for k, v in paths.items() if v})
     metrics.update(flat_config(cfg))
     write_json(run_dir / "metrics.json", metrics)
@@ -538,6 +585,19 @@ def export_metrics(export_dir: str) -> Dict:
         out[f"export/gguf_{g['type']}_bytes"] = g["bytes"]
         if isinstance(g.get("logits"), dict):
             out[f"export/gguf_{g['type']}_max_abs_logit_diff"] = g["logits"]["max_abs_logit_diff"]
+    return out
+
+
+def augment_metrics(augmented: Optional[str]) -> Dict:
+    """What the augment stage generated and kept, per strategy and filter (augment/<strategy>/<count>)."""
+    f = Path(augmented) / "augment_stats.json" if augmented else None
+    if not f or not f.is_file():
+        return {}
+    stats = json.loads(f.read_text(encoding="utf-8"))
+    out = {f"augment/{k}": stats[k] for k in ("kept", "rejected", "kept_tokens", "source_tokens",
+                                              "generated_tokens", "seconds_per_document") if k in stats}
+    for name, counts in stats.get("strategies", {}).items():
+        out.update({f"augment/{name}/{k}": v for k, v in counts.items()})
     return out
 
 

@@ -25,7 +25,7 @@ from pipeline.core.config import SECTIONS
 from pipeline.run import stage_materials
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["cpt", "merge", "chat_vector", "sft", "eval", "export"]
+STAGES = ["augment", "cpt", "merge", "chat_vector", "sft", "eval", "export"]
 
 
 def after(*readers: str) -> set:
@@ -37,32 +37,33 @@ def after(*readers: str) -> set:
 # ModelConfig key fails test_every_config_key_moves_exactly_its_stages until it is declared here.
 MODEL_READERS = {
     "path": after("cpt"),  # another directory is another model (its files are not read for the key)
-    "dtype": after("cpt"),
+    "dtype": after("augment"),  # the generator runs in the resolved dtype too
     "max_seq_length": after("cpt"),
-    "trust_remote_code": after("cpt"),
+    "trust_remote_code": after("augment"),
     "prompt_template": after("chat_vector"),  # the chat-vector model records the prompt format SFT and eval use
     "chat_template": after("chat_vector"),
     "modules": after("cpt"),
     "load_in_4bit": after("cpt"),
     "add_special_tokens": after("cpt"),
-    "instruct_path": after("chat_vector"),
+    "instruct_path": after("augment"),  # augment.generator_path's default; the chat vector's instruct model
     "tied_embeddings": set(),  # only checked against the checkpoint before anything runs
     "build_demo_if_missing": set(),  # the demo model, once built, is identified by its files like any other
     "demo": set(),
 }
 # data.<part>.path is changed through its files' contents (test_every_input_file_moves_exactly_its_stages).
-DATA_READERS = {"cpt": after("cpt"), "cpt_qa": after("cpt"), "sft": after("sft"), "replay": after("sft"),
-                "dev_qa": after("sft"), "qa": after("eval"), "general_qa": after("eval"), "heldout": after("eval")}
+DATA_READERS = {"cpt": after("augment"), "cpt_qa": after("cpt"), "sft": after("sft"), "replay": after("sft"),
+                "dev_qa": after("sft"), "qa": after("augment"), "general_qa": after("eval"), "heldout": after("eval")}
 # data.<part>.text_field: read for CPT-style text only.
-TEXT_FIELD_READERS = {"cpt": after("cpt"), "replay": after("sft"), "heldout": after("eval")}
+TEXT_FIELD_READERS = {"cpt": after("augment"), "replay": after("sft"), "heldout": after("eval")}
 # Top-level keys. `backend` is keyed as resolved (test_resolved_backend_and_dtype_are_keyed), `stages` and `inputs`
 # have their own tests; the others say how and where a run happens, not what it computes.
-TOP_LEVEL = {"seed": after("cpt"), "device": set(), "cache": set(), "debug": set(), "log_examples": set(),
+TOP_LEVEL = {"seed": after("augment"), "device": set(), "cache": set(), "debug": set(), "log_examples": set(),
              "backend": None, "stages": None, "inputs": None}
 # Values to change to where the generic rule (flip, +1, append) would not give a valid config.
 SPECIAL = {"cpt.target_modules": "attn", "sft.target_modules": "attn", "cpt.layers": [0], "sft.layers": [0],
            "model.modules": {"attn": ["q_proj"]}, "model.chat_template": "{{ messages[0]['content'] }}",
-           "model.dtype": "float32", "eval.models": ["cpt", "sft"], "export.gguf": ["q8_0"]}
+           "model.dtype": "float32", "eval.models": ["cpt", "sft"], "export.gguf": ["q8_0"],
+           "augment.strategies": {"qa": 1}}
 
 
 @pytest.fixture
@@ -81,7 +82,9 @@ def setup(tiny_model, tmp_path):
     models = {name: shutil.copytree(tiny_model, tmp_path / name) for name in ("base", "instruct", "judge")}
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}", encoding="utf-8")
+    prompts = shutil.copytree(ROOT / "conf" / "augment" / "prompts", tmp_path / "prompts")  # edited below
     overrides = tiny_overrides(models["base"], files, **{
+        "augment.prompts_dir": prompts, "augment.generator_path": "null",  # the generator: model.instruct_path
         **{f"data.{k}.path": v for k, v in files.items()},
         "data.heldout.text_field": "body", "data.replay.text_field": "body",
         "model.instruct_path": models["instruct"], "eval.judge_path": models["judge"],
@@ -158,7 +161,7 @@ def test_every_config_key_moves_exactly_its_stages(setup, gpu):
     before = keys(cfg)
     assert set(before) == set(STAGES)
     checked = []
-    for section in ("model", "data", "cpt", "merge", "chat_vector", "sft", "eval", "export", "tracking"):
+    for section in ("model", "data", "augment", "cpt", "merge", "chat_vector", "sft", "eval", "export", "tracking"):
         for key, f in leaves(section):
             part, name = key.split(".")[1], key.split(".")[-1]
             if section == "data" and name == "path":
@@ -216,7 +219,7 @@ def test_resolved_backend_and_dtype_are_keyed(setup, monkeypatch):
     for dtype in ("float32", "bfloat16"):
         assert changed(before, keys(with_value(cfg, "model.dtype", dtype))) == set()
     pretend_gpu(monkeypatch)
-    assert changed(before, keys(cfg)) == after("cpt")
+    assert changed(before, keys(cfg)) == after("augment")
     assert keys(cfg) == keys(with_value(cfg, "model.dtype", "bfloat16"))
     assert changed(before, keys(with_value(cfg, "model.dtype", "float32"))) == set()
 
@@ -239,7 +242,8 @@ def test_every_input_file_moves_exactly_its_stages(setup):
     cfg, files, models, template = setup
     edits = {f"data.{part}": (files[part], readers) for part, readers in DATA_READERS.items()}
     edits.update({"model.path files": (models["base"], after("cpt")),
-                  "model.instruct_path files": (models["instruct"], after("chat_vector")),
+                  "model.instruct_path files": (models["instruct"], after("augment")),
+                  "augment prompt template": (Path(cfg.augment.prompts_dir) / "ja" / "qa.txt", after("augment")),
                   "eval.judge_path files": (models["judge"], after("eval")),
                   "model.chat_template file": (template, after("chat_vector"))})
     assert set(DATA_READERS) == {f.name for f in fields(SECTIONS["data"])}, "a new data part: declare its readers"
@@ -260,7 +264,7 @@ def test_every_input_file_moves_exactly_its_stages(setup):
     # a new document in the corpus is new data too
     before = keys(cfg)
     (files["cpt"] / "doc9.md").write_text("追加の文書。", encoding="utf-8")
-    assert changed(before, keys(cfg)) == after("cpt")
+    assert changed(before, keys(cfg)) == after("augment")
 
 
 def test_data_is_keyed_by_content_not_location(setup, tmp_path):
@@ -298,13 +302,18 @@ def test_a_stage_run_alone_from_cached_inputs_gets_the_chained_key(setup, tmp_pa
     reused; a prefix of the chain has the same keys as the full chain."""
     cfg, _, _, _ = setup
     full = keys(cfg)
-    assert keys(cfg, stages=["cpt", "merge"]) == {s: full[s] for s in ("cpt", "merge")}
+    assert keys(cfg, stages=["augment", "cpt", "merge"]) == {s: full[s] for s in ("augment", "cpt", "merge")}
+    augmented = Path(cfg.cache.dir) / "augment" / full["augment"]  # CPT from an earlier run's augment output
+    augmented.mkdir(parents=True)
+    (augmented / ".complete").write_text("")
     cached = Path(cfg.cache.dir) / "merge" / full["merge"]  # what a run directory's cpt_model link points at
     cached.mkdir(parents=True)
     (cached / ".complete").write_text("")
     (Path(cfg.cache.dir) / ".pipeline-cache").write_text("")
     later = with_value(cfg, "inputs.cpt_model", str(cached))
-    no_cv = keys(cfg, stages=["cpt", "merge", "sft", "eval"])
+    assert keys(with_value(cfg, "inputs.augmented", str(augmented)), stages=["cpt", "merge"]) == {
+        s: full[s] for s in ("cpt", "merge")}
+    no_cv = keys(cfg, stages=["augment", "cpt", "merge", "sft", "eval"])
     assert keys(later, stages=["sft", "eval"]) == {s: no_cv[s] for s in ("sft", "eval")}
 
 

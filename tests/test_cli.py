@@ -105,14 +105,15 @@ def test_every_stage_opens_no_network_connection(tiny_model, data_files, tmp_pat
     audit_log = tmp_path / "network.log"
     r = run_cli(tiny_overrides(tiny_model, data_files, **{
         "hydra.run.dir": tmp_path / "run", "cache.dir": tmp_path / "cache", "debug": "true",
-        "stages": "[cpt,merge,chat_vector,sft,eval]", "model.instruct_path": tiny_model,
+        "stages": "[augment,cpt,merge,chat_vector,sft,eval]", "model.instruct_path": tiny_model,
+        "augment.generator_path": "null", "augment.max_passages": 4, "augment.max_new_tokens": 4,
         "eval.judge_path": tiny_model, "data.general_qa.path": data_files["qa"],
         "data.heldout.path": data_files["cpt"], "eval.max_questions": 2}),
         prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [metrics[f"stage/{s}"] for s in ("cpt", "merge", "chat_vector", "sft", "eval")] == ["built"] * 5
+    assert [metrics[f"stage/{s}"] for s in ("augment", "cpt", "merge", "chat_vector", "sft", "eval")] == ["built"] * 6
     assert metrics["sft/judge"] is not None and metrics["sft/heldout_ppl"] > 1
     # confidentiality: neither the console nor run.log quotes the corpus, the SFT data or the QA answers
     logs = r.stdout + r.stderr + (tmp_path / "run" / "run.log").read_text(encoding="utf-8")

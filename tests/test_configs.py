@@ -12,7 +12,7 @@ from pipeline.core.outputs import PipelineError
 from pipeline.core.config import SECTIONS, CptConfig, SftConfig, check_ranges, typed
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "data", "cpt", "merge", "sft", "eval"]
+GROUPS = ["model", "data", "augment", "cpt", "merge", "sft", "eval"]
 # What a user of a real checkpoint must give (conf/data/own.yaml and the family configs say so with ???).
 USER_KEYS = ["model.path=/models/x", "data.cpt.path=/d/docs", "data.sft.path=/d/sft.jsonl",
              "data.qa.path=/d/qa.jsonl"]
@@ -79,7 +79,7 @@ def _defaults(schema, node, prefix=""):
 def test_yaml_defaults_are_the_dataclass_defaults():
     """A real checkpoint's run (no recipe) composes exactly the dataclass defaults: they cannot drift apart."""
     cfg = composed("model=llm_jp_3", *USER_KEYS)
-    for section in ("cpt", "sft", "merge", "eval"):
+    for section in ("augment", "cpt", "sft", "merge", "eval"):
         for name, default, yaml_value in _defaults(SECTIONS[section], cfg[section]):
             assert yaml_value == default, f"{section}.{name}: YAML {yaml_value!r} vs dataclass {default!r}"
 

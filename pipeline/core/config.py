@@ -67,6 +67,9 @@ DEMO_MODEL_PATH = "outputs/demo_base_model"
 # Its instruct sibling (the base trained further on the demo's chat data), built there on first use when a run has
 # the chat_vector stage (pipeline/demo_model.py --instruct).
 DEMO_INSTRUCT_PATH = "outputs/demo_instruct_model"
+# The demo's augmentation generator (the augment stage): the base trained further on rewriting tasks about the
+# public world only (data/augment/demo_generator.jsonl), built there on first use (pipeline/demo_model.py --generator).
+DEMO_GENERATOR_PATH = "outputs/demo_generator_model"
 
 
 @dataclass
@@ -92,6 +95,11 @@ class DemoBuildConfig:
     instruct_data: str = "data/sft/chat.jsonl"
     instruct_num_epochs: float = key(3.0, gt=0)
     instruct_learning_rate: float = key(5.0e-4, gt=0)
+    # The augmentation generator (augment.generator_path in the demo's recipe): the base trained in full on these
+    # records (a statement of the public world -> a question and answer about it).
+    generator_data: str = "data/augment/demo_generator.jsonl"
+    generator_num_epochs: float = key(2.0, gt=0)
+    generator_learning_rate: float = key(1.0e-3, gt=0)  # a new task, not a style: higher than the instruct sibling's
 
 
 @dataclass
@@ -281,6 +289,30 @@ class ExportConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The augment stage (pipeline/stages/augment.py): a local instruct model rewrites the CPT documents."""
+
+    generator_path: Optional[str] = None  # a local instruct (chat) model; null: model.instruct_path
+    engine: str = key("transformers", choices=("transformers", "vllm"))  # vllm: the `vllm` extra and a CUDA GPU
+    language: str = key("ja", choices=("ja", "en"))  # which prompt templates: <prompts_dir>/<language>/<name>.txt
+    prompts_dir: str = "conf/augment/prompts"  # keyed by the templates' contents, not by where they lie
+    # Samples per passage of each strategy (0 = off); each strategy is a prompt template file.
+    strategies: Dict[str, int] = field(default_factory=lambda: {"qa": 2, "rewrite": 1, "relations": 1, "summary": 0})
+    passage_tokens: int = key(512, ge=1, doc="a passage's size in generator tokens, cut at sentence ends")
+    max_passages: Optional[int] = key(None, ge=1)  # only the corpus's first N passages (quick checks)
+    max_new_tokens: int = key(256, ge=1)
+    temperature: float = key(0.8, ge=0, doc="0: greedy")
+    top_p: float = key(0.95, gt=0, le=1)
+    # Keyed: a sampled batch's text depends on which prompts share it (padding, one random stream per batch).
+    batch_size: int = key(16, ge=1)
+    seed: Optional[int] = key(None, doc="null: the top-level seed")
+    faithfulness: bool = True  # drop a text with a number its source document never states
+    # Drop a text at least this similar (rapidfuzz ratio of the normalised texts, 0-100) to its passage or to a text
+    # kept before it; null: off.
+    dedup_similarity: Optional[float] = key(90.0, gt=0, le=100)
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (pipeline/core/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
 
@@ -316,6 +348,7 @@ def check_run(cfg: DictConfig) -> RunConfig:
 
 SECTIONS = {
     "model": ModelConfig,
+    "augment": AugmentConfig,
     "data": DataConfig,
     "cpt": CptConfig,
     "merge": MergeConfig,
@@ -366,7 +399,7 @@ def flat_config(cfg: DictConfig) -> Dict[str, Any]:
         else:
             out[prefix] = node
 
-    for key in ("seed", "backend", "model", "data", "cpt", "merge", "chat_vector", "sft", "eval", "export"):
+    for key in ("seed", "backend", "model", "data", "augment", "cpt", "merge", "chat_vector", "sft", "eval", "export"):
         if key in container:
             walk(key, container[key])
     out.pop("model.demo", None)

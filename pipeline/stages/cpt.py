@@ -182,7 +182,7 @@ def key_material(cfg: CptConfig, data_cfg: DataConfig, seed: int) -> dict:
 
 def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: int, out_dir: str | Path,
               device: str = "auto", backend: str = "hf", qa_pairs: str | None = None,
-              scored_qa: str | None = None) -> Path:
+              scored_qa: str | None = None, augmented: str | None = None) -> Path:
     """Train a CPT LoRA adapter on `data_cfg.path`; returns `out_dir` holding the adapter and tokenizer.
 
     With cpt.qa_mix > 0, the QA pairs of `qa_pairs` (data.cpt_qa.path) join the documents; they must not share a
@@ -195,6 +195,12 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
     check_attn_implementation(cfg.attn_implementation, dev, "cpt.attn_implementation")
     docs = load_cpt_documents(data_cfg.path, data_cfg.text_field, key="data.cpt.path")
     docs = mix_qa_into_corpus(docs, cfg.qa_mix, cfg.qa_template, qa_pairs, scored_qa, seed)  # cpt.qa_mix (PIT-style)
+    if augmented:  # the augment stage's kept texts: more documents, shuffled with the originals in every packing
+        from pipeline.stages.augment import load_augmented
+
+        extra = load_augmented(augmented, cfg.qa_template)
+        log.info("CPT data: %d generated texts from the augment stage added to %d documents", len(extra), len(docs))
+        docs = docs + extra
     tok = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
     set_seed(seed)
