@@ -298,7 +298,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
     for b, batch in enumerate(batches):
         for job in batch:
             last_batch_of_doc[job["doc"]] = b
-    source_tokens = gen.count_tokens(docs)
+    source_tokens = gen.count_tokens([p for ps in passages for p in ps])  # the text actually sent
     log.info("augment: %d documents (%d generator tokens) -> %d passages x strategies %s = %d prompts in %d "
              "batches; generator %s (%s)", len(docs), source_tokens, sum(map(len, passages)),
              {k: v for k, v in cfg.strategies.items() if v}, len(jobs), len(batches), path, cfg.engine)
@@ -319,7 +319,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
                 first_missing[0] += 1
             return bisect.bisect_left(last_batches, first_missing[0])
 
-        bar = tqdm(total=len(docs), initial=finished_docs(), desc="augment", unit="doc", dynamic_ncols=True,
+        bar = tqdm(total=len(last_batches), initial=finished_docs(), desc="augment", unit="doc", dynamic_ncols=True,
                    mininterval=0.5 if os.isatty(2) else 30.0)
         t0, tokens0 = time.time(), 0
         with replies_path.open("a", encoding="utf-8") as sink:
@@ -357,7 +357,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
         with (build / "rejected.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
-        n_docs = len(docs)
+        n_docs = len(last_batches)  # documents with at least one passage (all of them unless max_passages cut)
         write_json(build / "augment_stats.json", {
             "generator": str(path), "engine": cfg.engine, "documents": n_docs, "passages": sum(map(len, passages)),
             "prompts": len(jobs), "batches": len(batches), "resumed_batches": resumed,
