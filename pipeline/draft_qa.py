@@ -197,7 +197,7 @@ def parse_reply(reply: str) -> Optional[dict]:
 
 # --- filters -------------------------------------------------------------------------------------------------------
 
-_SENTENCE = re.compile(r"[^。！？!?\n]+(?:[。！？!?]+[」』）)]*|$)|[^\n]+")
+_SENTENCE = re.compile(r"[^。！？!?\n]+?(?:[。！？!?]+[」』）)]*|\.(?=\s|$)|$)", re.MULTILINE)
 
 
 def quote_from_chunk(chunk_text: str, answer: str) -> str:
@@ -542,6 +542,9 @@ def run(cfg) -> int:
 
     from pipeline.core.config import DEMO_GENERATOR_PATH, DraftQAConfig, check_ranges, typed
 
+    from pipeline.run import _quiet_libraries
+
+    _quiet_libraries()  # library messages into run.log, not onto the console
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         draft_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DraftQAConfig), cfg.draft_qa))

@@ -246,3 +246,52 @@ def test_accept_command_line(drafted, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.draft_qa", "accept", str(tmp_path / "none.csv")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none.csv'}: no such file"
+
+
+def test_closed_book_moves_what_the_base_model_answers_to_general_qa(tmp_path, monkeypatch):
+    import pipeline.draft_qa as dq
+
+    (tmp_path / "cpt").mkdir()
+    (tmp_path / "cpt" / "台帳.md").write_text(DOC, encoding="utf-8")
+    gen = FakeGenerator({"880トン": "Q: P-101の定格能力は何トンですか？\nA: 880トン",
+                         "佐藤健一": "Q: P-101の担当者は誰ですか？\nA: 佐藤健一"})
+    # the base model knows the capacity (a public catalogue number, say), not who is in charge
+    monkeypatch.setattr(dq, "closed_book_answers", lambda path, questions, *a, **k: [
+        "880トンです" if "定格能力" in q else "田中" for q in questions])
+    cfg = DraftQAConfig(prompts_dir=str(ROOT / "conf" / "draft_qa" / "prompts"), chunk_tokens=1, closed_book=True)
+    stats = draft(cfg, DataConfig(cpt=DataPath(str(tmp_path / "cpt"))), ModelConfig(), "fake", 0, tmp_path / "out",
+                  generator=gen)
+    assert (stats["kept"], stats["closed_book"]) == (1, 1)
+    kept = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text(encoding="utf-8").splitlines()]
+    general = [json.loads(x) for x in
+               (tmp_path / "out" / "general_qa_candidates.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [k["answer"] for k in kept] == ["佐藤健一"] and [g["answer"] for g in general] == ["880トン"]
+
+
+def test_draft_qa_config_composes_and_restates_the_dataclass_defaults():
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        own = compose("draft_qa", overrides=["model=llama3", "model.path=/m", "data.cpt.path=/d"])
+        demo = compose("draft_qa")
+    assert OmegaConf.to_container(own.draft_qa) == asdict(DraftQAConfig())
+    assert (demo.draft_qa.prompt, demo.draft_qa.chunk_tokens, demo.data.cpt.path) == ("demo", 1, "data/cpt")
+
+
+def test_the_command_runs_a_real_generator_and_refuses_bad_input(tiny_model, tmp_path):
+    """The Hydra command end to end on the tiny random model (its replies are noise: all unparsed, counted)."""
+    (tmp_path / "cpt").mkdir()
+    (tmp_path / "cpt" / "台帳.md").write_text(DOC, encoding="utf-8")
+    args = [sys.executable, "-m", "pipeline.draft_qa", "model=llama3", f"model.path={tiny_model}",
+            f"data.cpt.path={tmp_path / 'cpt'}", "draft_qa.max_chunks=2", "draft_qa.max_new_tokens=4",
+            "device=cpu", f"hydra.run.dir={tmp_path / 'out'}"]
+    done = subprocess.run(args + [f"draft_qa.generator_path={tiny_model}"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((tmp_path / "out" / "draft_stats.json").read_text(encoding="utf-8"))
+    assert (stats["chunks"], stats["replies"], stats["unparsed"] + stats["kept"]) == (2, 2, 2)
+    bad = subprocess.run(args + [f"draft_qa.generator_path={tmp_path / 'nope'}"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: draft_qa.generator_path={tmp_path / 'nope'}")
