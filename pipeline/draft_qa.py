@@ -22,6 +22,9 @@ answer into an error, so a candidate is kept only when it can be checked against
      that contains the answer (counted as quote_from_chunk);
    - answer_not_in_quote: the answer is not in the quote (scoring.contains: the scorer's normalisation, numbers
      whole), so it is not what the document says;
+   - question_not_in_quote: the question asks about something its quote does not name: a number of the question
+     (a machine's `P-24`, a year) the quote does not state, or no name or term shared with the quote (a run of two
+     or more characters without hiragana, four for Latin letters), so the true answer is about something else;
    - in_qa: the question is already in data.qa (normalised, rapidfuzz ratio >= draft_qa.duplicate_similarity);
    - training_overlap: the question is asked in training data (data.cpt_qa, data.dev_qa, the augment stage's
      generated QA at draft_qa.augmented): a scored question the model trained on measures nothing;
@@ -53,8 +56,8 @@ from pipeline.core.scoring import contains, normalize
 
 log = logging.getLogger("pipeline.draft_qa")
 
-REASONS = ("unparsed", "quote_not_in_source", "answer_not_in_quote", "in_qa", "training_overlap", "duplicate",
-           "closed_book")
+REASONS = ("unparsed", "quote_not_in_source", "answer_not_in_quote", "question_not_in_quote", "in_qa",
+           "training_overlap", "duplicate", "closed_book")
 # engine=vllm constrains every reply to this schema; the parser below reads the same keys from any engine's reply.
 SCHEMA = {"type": "object", "required": ["question", "answer", "quote"],
           "properties": {"question": {"type": "string"}, "answer": {"type": "string"},
@@ -217,6 +220,24 @@ def quote_score(quote: str, document: str) -> float:
     return fuzz.partial_ratio(q, normalize(document)) if q else 0.0
 
 
+def question_in_quote(question: str, quote: str) -> bool:
+    """The question asks about what its quote names: every number of the question is in the quote (`P-24` is not
+    `P-101`, compared as the scorer compares numbers), and the two share a name or term: a run of at least two
+    characters without hiragana (particles and endings join any two Japanese sentences), four if all Latin."""
+    from pipeline.stages.augment import numbers
+
+    if numbers(question) - numbers(quote):
+        return False
+    q, text = normalize(question), normalize(quote)
+    for run in re.findall(r"[^\u3041-\u309f\s]{2,}", q):
+        for size in range(len(run), 1, -1):
+            for i in range(len(run) - size + 1):
+                piece = run[i:i + size]
+                if piece in text and (size >= 4 or not piece.isascii()):
+                    return True
+    return False
+
+
 class QuestionPool:
     """Questions known so far, normalised; `match(q)` is the first at least `similarity` (rapidfuzz ratio) similar."""
 
@@ -278,6 +299,8 @@ def filter_candidates(items: List[dict], chunks: List[Chunk], scored: Sequence[s
             reason = "quote_not_in_source"
         elif not contains(cand["quote"], cand["answer"]):
             reason = "answer_not_in_quote"
+        elif not question_in_quote(cand["question"], cand["quote"]):
+            reason = "question_not_in_quote"
         elif in_qa.match(cand["question"]):
             reason = "in_qa"
         elif overlap.match(cand["question"]):
@@ -491,8 +514,14 @@ def draft(cfg, data_cfg, model_cfg, gen_path: str, seed: int, out_dir: str | Pat
                for c in chunks for _ in range(cfg.samples)]
     log.info("draft_qa: %d chunks x %d samples = %d prompts; generator %s", len(chunks), cfg.samples, len(prompts),
              gen_path)
-    t0 = time.time()
-    replies = generator.generate(prompts)
+    from tqdm.auto import tqdm
+
+    t0, replies = time.time(), []
+    step = cfg.batch_size
+    with tqdm(total=len(prompts), desc="draft_qa", unit="prompt", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), step):  # batch by batch for the bar; seeds follow the position
+            replies += generator.generate(prompts[start:start + step], first_index=start)
+            bar.update(min(step, len(prompts) - start))
     seconds = time.time() - t0
     release(generator if hasattr(generator, "model") else None)
     items = [{"chunk": i // cfg.samples, "reply": r, "parsed": parse_reply(r)} for i, r in enumerate(replies)]

@@ -295,3 +295,16 @@ def test_the_command_runs_a_real_generator_and_refuses_bad_input(tiny_model, tmp
     bad = subprocess.run(args + [f"draft_qa.generator_path={tmp_path / 'nope'}"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: draft_qa.generator_path={tmp_path / 'nope'}")
+
+
+def test_a_question_about_something_its_quote_does_not_name_is_dropped():
+    # the answer is in the quote, but the question asks about another machine (a number the quote never states) or
+    # another person (no name shared): its gold answer would be wrong
+    chunks = [Chunk(Path("台帳.md"), 1, "", "CNC-5については14日ごとの点検が決められている。製造二課の一人が東雲葵だ。", "")]
+    chunks[0].document = chunks[0].text
+    items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
+        dict(question="P-24の点検周期は何日ですか？", answer="14日"),
+        dict(question="如月麻衣の所属部署はどこですか？", answer="製造二課"),
+        dict(question="CNC-5の点検周期は何日ですか？", answer="14日"))]
+    kept, _, counts = filter_candidates(items, chunks, [], [], 90, 90)
+    assert counts["question_not_in_quote"] == 2 and [k["question"] for k in kept] == ["CNC-5の点検周期は何日ですか？"]
