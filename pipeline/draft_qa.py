@@ -25,10 +25,12 @@ answer into an error, so a candidate is kept only when it can be checked against
    - question_not_in_quote: the question asks about something its quote does not name: a number of the question
      (a machine's `P-24`, a year) the quote does not state, or no name or term shared with the quote (a run of two
      or more characters without hiragana, four for Latin letters), so the true answer is about something else;
-   - in_qa: the question is already in data.qa (normalised, rapidfuzz ratio >= draft_qa.duplicate_similarity);
+   - in_qa: the question is already in data.qa (same_question: rapidfuzz ratio of the normalised questions >=
+     draft_qa.duplicate_similarity, and no difference but hiragana);
    - training_overlap: the question is asked in training data (data.cpt_qa, data.dev_qa, the augment stage's
      generated QA at draft_qa.augmented): a scored question the model trained on measures nothing;
-   - duplicate: the question, or the same answer from the same source line, was kept before (one fact asked twice);
+   - duplicate: the same question (alike up to hiragana: same_question), or the same answer from the same source
+     line, was kept before (one fact asked twice);
    - closed_book (draft_qa.closed_book=true): the base model (model.path) already answers it; such a question
      measures no injected knowledge, and goes to general_qa_candidates.jsonl instead.
 4. The output directory holds candidates.jsonl (`id, question, answer, aliases, quote, source, group`),
@@ -238,8 +240,28 @@ def question_in_quote(question: str, quote: str) -> bool:
     return False
 
 
+def _hiragana(ch: str) -> bool:
+    return "\u3041" <= ch <= "\u309f"
+
+
+def same_question(a: str, b: str, similarity: float) -> bool:
+    """Two normalised questions ask the same thing: at least `similarity` alike (rapidfuzz ratio, 0-100), and every
+    character that differs is hiragana (a particle or an ending: `何トンですか` / `何トンでしょうか`), so `P-101の…` and
+    `P-102の…`, or two people's names in one template, stay two questions however alike the rest is."""
+    from rapidfuzz import fuzz
+    from rapidfuzz.distance import Levenshtein
+
+    if fuzz.ratio(a, b) < similarity:
+        return False
+    for op in Levenshtein.editops(a, b):
+        changed = ([a[op.src_pos]] if op.tag != "insert" else []) + ([b[op.dest_pos]] if op.tag != "delete" else [])
+        if not all(_hiragana(ch) for ch in changed):
+            return False
+    return True
+
+
 class QuestionPool:
-    """Questions known so far, normalised; `match(q)` is the first at least `similarity` (rapidfuzz ratio) similar."""
+    """Questions known so far, normalised; `match(q)` says whether one of them is the same question (same_question)."""
 
     def __init__(self, questions: Iterable[str], similarity: float):
         self.similarity = similarity
@@ -249,8 +271,9 @@ class QuestionPool:
         from rapidfuzz import fuzz, process
 
         norm = normalize(question)
-        return bool(self.pool) and process.extractOne(norm, self.pool, scorer=fuzz.ratio,
-                                                      score_cutoff=self.similarity) is not None
+        # the candidates at least `similarity` alike, best first; then the strict check on each
+        near = process.extract(norm, self.pool, scorer=fuzz.ratio, score_cutoff=self.similarity, limit=None)
+        return any(same_question(norm, other, self.similarity) for other, _, _ in near)
 
     def add(self, question: str) -> None:
         self.pool.append(normalize(question))

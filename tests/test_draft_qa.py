@@ -308,3 +308,16 @@ def test_a_question_about_something_its_quote_does_not_name_is_dropped():
         dict(question="CNC-5の点検周期は何日ですか？", answer="14日"))]
     kept, _, counts = filter_candidates(items, chunks, [], [], 90, 90)
     assert counts["question_not_in_quote"] == 2 and [k["question"] for k in kept] == ["CNC-5の点検周期は何日ですか？"]
+
+
+def test_questions_about_two_machines_or_two_people_are_not_duplicates():
+    items = one(CHUNKS, **GOOD) + one(CHUNKS, **{**GOOD, "question": "P-101の定格能力は何トンでしょうか"})
+    assert run_filters(items)[2]["duplicate"] == 1  # only a particle and an ending differ: the same question
+    chunks = [Chunk(Path("台帳.md"), 1, "", "P-102の定格能力は1230トン。天野雅人の所属は保全課。", "")]
+    chunks[0].document = chunks[0].text
+    items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
+        dict(question="P-102の定格能力は何トンですか？", answer="1230トン"),
+        dict(question="天野雅人の所属部署はどこですか？", answer="保全課"))]
+    kept, _, counts = filter_candidates(items, chunks, ["P-101の定格能力は何トンですか？", "天野雅史の所属部署はどこですか？"],
+                                        [], 90, 90)
+    assert len(kept) == 2 and counts["in_qa"] == 0
