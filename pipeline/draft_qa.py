@@ -22,15 +22,17 @@ answer into an error, so a candidate is kept only when it can be checked against
      that contains the answer (counted as quote_from_chunk);
    - answer_not_in_quote: the answer is not in the quote (scoring.contains: the scorer's normalisation, numbers
      whole), so it is not what the document says;
-   - question_not_in_quote: the question asks about something its quote does not name: a number of the question
-     (a machine's `P-24`, a year) the quote does not state, or no name or term shared with the quote (a run of two
-     or more characters without hiragana, four for Latin letters), so the true answer is about something else;
+   - question_not_in_quote: the question asks about something its quote does not name: a number or identifier of
+     the question (a machine's `P-24`, `CNC-3` for `炉-3`, a year) the quote does not state, a Japanese question's
+     topic (its first name or term) the quote does not hold, or no name or term shared with the quote at all (a run
+     of two or more characters without hiragana, four for Latin letters): the true answer is about something else;
    - in_qa: the question is already in data.qa (same_question: rapidfuzz ratio of the normalised questions >=
-     draft_qa.duplicate_similarity, and no difference but hiragana);
+     draft_qa.duplicate_similarity, and no difference but hiragana), or its fact is: an item of data.qa has the
+     same answer (or alias) and its question names the candidate's subject (another wording of a known question);
    - training_overlap: the question is asked in training data (data.cpt_qa, data.dev_qa, the augment stage's
      generated QA at draft_qa.augmented): a scored question the model trained on measures nothing;
-   - duplicate: the same question (alike up to hiragana: same_question), or the same answer from the same source
-     line, was kept before (one fact asked twice);
+   - duplicate: the same question (same_question), or the same fact (the same answer about the same subject), was
+     kept before: one fact asked twice;
    - closed_book (draft_qa.closed_book=true): the base model (model.path) already answers it; such a question
      measures no injected knowledge, and goes to general_qa_candidates.jsonl instead.
 4. The output directory holds candidates.jsonl (`id, question, answer, aliases, quote, source, group`),
@@ -53,6 +55,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pipeline  # noqa: F401  (sets the offline environment before any Hugging Face import)
 
+from pipeline.core.data import QAItem
 from pipeline.core.outputs import PipelineError, write_json
 from pipeline.core.scoring import contains, normalize
 
@@ -222,22 +225,40 @@ def quote_score(quote: str, document: str) -> float:
     return fuzz.partial_ratio(q, normalize(document)) if q else 0.0
 
 
-def question_in_quote(question: str, quote: str) -> bool:
-    """The question asks about what its quote names: every number of the question is in the quote (`P-24` is not
-    `P-101`, compared as the scorer compares numbers), and the two share a name or term: a run of at least two
-    characters without hiragana (particles and endings join any two Japanese sentences), four if all Latin."""
-    from pipeline.stages.augment import numbers
-
-    if numbers(question) - numbers(quote):
-        return False
+def subject(question: str, quote: str) -> str:
+    """What the question asks about, as its quote names it: the longest run of the normalised question without
+    hiragana (a name or term; four characters or more if all Latin) that the normalised quote contains, one with a
+    digit first (an identifier such as `P-101`); "" when they share none."""
     q, text = normalize(question), normalize(quote)
+    best = ""
     for run in re.findall(r"[^\u3041-\u309f\s]{2,}", q):
         for size in range(len(run), 1, -1):
-            for i in range(len(run) - size + 1):
-                piece = run[i:i + size]
-                if piece in text and (size >= 4 or not piece.isascii()):
-                    return True
-    return False
+            found = [run[i:i + size] for i in range(len(run) - size + 1) if run[i:i + size] in text
+                     and (size >= 4 or not run[i:i + size].isascii())]
+            if found:
+                piece = max(found, key=lambda x: any(c.isdigit() for c in x))
+                if (any(c.isdigit() for c in piece), len(piece)) > (any(c.isdigit() for c in best), len(best)):
+                    best = piece
+                break
+    return best
+
+
+def question_in_quote(question: str, quote: str) -> bool:
+    """The question asks about what its quote names: every number of the question is in the quote (`P-24` is not
+    `P-101`, compared as the scorer compares numbers), every identifier too (a name with a digit, `CNC-3` is not
+    `炉-3`; a counter after its number is left out: `2021年に` matches `2021年10月`), and the two share a name or term
+    (subject)."""
+    from pipeline.stages.augment import numbers
+
+    q, text = normalize(question), normalize(quote)
+    identifiers = [run for run in re.findall(r"[^\u3041-\u309f\s]+", q) if any(c.isdigit() for c in run)
+                   and not re.search(r"\W", run)]  # CNC-3 (cnc3) is not 炉-3 (炉3), though both hold a 3
+    ids_named = all(re.sub(r"(?<=\d)[^\d]+$", "", run) in text for run in identifiers)
+    # A Japanese question names its topic first (`天野雅史は…`, `P-101の…`): that name must be the quote's, or the
+    # question asks about someone else in the quote's words (`久遠正樹の役職` from `天野雅史の役職は主任です`).
+    topic = next((run for run in re.findall(r"[^\u3041-\u309f\s]{2,}", q) if not re.search(r"[何誰]", run)), "")
+    topic_named = topic.isascii() or topic in text
+    return not numbers(question) - numbers(quote) and ids_named and topic_named and bool(subject(question, quote))
 
 
 def _hiragana(ch: str) -> bool:
@@ -297,13 +318,23 @@ def training_questions(data_cfg, augmented: Optional[str]) -> List[str]:
     return out
 
 
-def filter_candidates(items: List[dict], chunks: List[Chunk], scored: Sequence[str], training: Sequence[str],
+def filter_candidates(items: List[dict], chunks: List[Chunk], scored: Sequence, training: Sequence[str],
                       quote_similarity: float, duplicate_similarity: float) -> Tuple[List[dict], List[dict], dict]:
     """Apply the filters (module docstring, step 3, all but closed_book) to parsed replies in order.
 
-    `items`: {chunk: index, reply: text, parsed: dict or None}. Returns (kept, rejected, counts)."""
+    `items`: {chunk: index, reply: text, parsed: dict or None}; `scored`: data.qa's QAItems (or plain questions).
+    Returns (kept, rejected, counts)."""
     counts = {"replies": len(items), "kept": 0, "quote_from_chunk": 0, **{r: 0 for r in REASONS}}
-    in_qa, overlap = QuestionPool(scored, duplicate_similarity), QuestionPool(training, duplicate_similarity)
+    scored = [q if hasattr(q, "question") else QAItem("", q, "") for q in scored]
+    in_qa, overlap = QuestionPool([q.question for q in scored], duplicate_similarity), \
+        QuestionPool(training, duplicate_similarity)
+    # the QA set's facts by answer: a candidate with one of these answers asks a known fact when its subject is
+    # named in that item's question (another wording of a question already in the set)
+    qa_by_answer: Dict[str, List[str]] = {}
+    for q in scored:
+        for a in [q.answer, *q.aliases]:
+            if a:
+                qa_by_answer.setdefault(normalize(a), []).append(normalize(q.question))
     kept_questions, kept_facts = QuestionPool([], duplicate_similarity), set()
     kept, rejected = [], []
     for item in items:
@@ -317,14 +348,15 @@ def filter_candidates(items: List[dict], chunks: List[Chunk], scored: Sequence[s
         if not cand["quote"]:
             cand["quote"] = quote_from_chunk(chunk.text, cand["answer"])
             counts["quote_from_chunk"] += 1
-        fact = (normalize(cand["answer"]), source)
+        about = subject(cand["question"], cand["quote"])
+        fact = (normalize(cand["answer"]), about)  # one fact: its answer and what it is about
         if quote_score(cand["quote"], chunk.document) < quote_similarity:
             reason = "quote_not_in_source"
         elif not contains(cand["quote"], cand["answer"]):
             reason = "answer_not_in_quote"
         elif not question_in_quote(cand["question"], cand["quote"]):
             reason = "question_not_in_quote"
-        elif in_qa.match(cand["question"]):
+        elif in_qa.match(cand["question"]) or any(about in q for q in qa_by_answer.get(fact[0], [])):
             reason = "in_qa"
         elif overlap.match(cand["question"]):
             reason = "training_overlap"
@@ -548,7 +580,7 @@ def draft(cfg, data_cfg, model_cfg, gen_path: str, seed: int, out_dir: str | Pat
     seconds = time.time() - t0
     release(generator if hasattr(generator, "model") else None)
     items = [{"chunk": i // cfg.samples, "reply": r, "parsed": parse_reply(r)} for i, r in enumerate(replies)]
-    kept, rejected, counts = filter_candidates(items, chunks, [q.question for q in scored], training,
+    kept, rejected, counts = filter_candidates(items, chunks, scored, training,
                                                cfg.quote_similarity, cfg.duplicate_similarity)
     general = []
     if cfg.closed_book and kept:

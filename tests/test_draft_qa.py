@@ -321,3 +321,20 @@ def test_questions_about_two_machines_or_two_people_are_not_duplicates():
     kept, _, counts = filter_candidates(items, chunks, ["P-101の定格能力は何トンですか？", "天野雅史の所属部署はどこですか？"],
                                         [], 90, 90)
     assert len(kept) == 2 and counts["in_qa"] == 0
+
+
+def test_a_question_about_another_person_in_the_quotes_words_is_dropped():
+    chunks = [Chunk(Path("台帳.md"), 1, "", "天野雅史の役職は主任です。", "天野雅史の役職は主任です。")]
+    items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
+        dict(question="久遠正樹はどの役職に就いていますか？", answer="主任"),
+        dict(question="天野雅史はどの役職に就いていますか？", answer="主任"))]
+    kept, _, counts = filter_candidates(items, chunks, [], [], 90, 90)
+    assert counts["question_not_in_quote"] == 1 and [k["question"][:4] for k in kept] == ["天野雅史"]
+
+
+def test_another_wording_of_a_question_in_the_qa_set_is_in_qa():
+    from pipeline.core.data import QAItem
+
+    scored = [QAItem("q1", "P-101の定格能力は何トンですか？", "880トン")]
+    items = one(CHUNKS, **{**GOOD, "question": "P-101は最大何トンまで加圧できますか？"})
+    assert run_filters(items, scored=scored)[2]["in_qa"] == 1
