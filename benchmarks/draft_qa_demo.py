@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "data"))
 
 
-def check(out_dir: Path) -> dict:
+def check(rows: list) -> dict:
     from rapidfuzz import fuzz
 
     import build_demo_data as demo
@@ -33,8 +33,7 @@ def check(out_dir: Path) -> dict:
     facts = {}
     for f in demo.domain.facts:
         facts.setdefault(f["entity"], []).append(f)
-    rows = [json.loads(x) for x in (out_dir / "candidates.jsonl").read_text(encoding="utf-8").splitlines() if x]
-    counts = {"kept": len(rows), "right": 0, "contains_only": 0, "wrong": 0, "no_fact": 0}
+    counts = {"n": len(rows), "right": 0, "contains_only": 0, "wrong": 0, "no_fact": 0}
     wrong = []
     for r in rows:
         q = unicodedata.normalize("NFKC", r["question"])
@@ -56,16 +55,22 @@ def check(out_dir: Path) -> dict:
         else:
             counts["wrong"] += 1
             wrong.append((r["question"], r["answer"], fact["answer"]))
-    counts["right_share"] = round(counts["right"] / max(counts["kept"] - counts["no_fact"], 1), 3)
+    checked = counts["n"] - counts["no_fact"]
+    counts["right_share"] = round(counts["right"] / checked, 3) if checked else None
     return {"counts": counts, "wrong": wrong}
 
 
 def main(argv):
     out_dir = Path(argv[0])
     stats = json.loads((out_dir / "draft_stats.json").read_text(encoding="utf-8"))
-    result = check(out_dir)
+    read = lambda name: [json.loads(x) for x in (out_dir / name).read_text(encoding="utf-8").splitlines() if x]  # noqa
+    result = check(read("candidates.jsonl"))
     print("draft_stats.json:", json.dumps(stats, ensure_ascii=False))
-    print("checked against the demo's facts:", json.dumps(result["counts"], ensure_ascii=False))
+    print("kept, checked against the demo's facts:", json.dumps(result["counts"], ensure_ascii=False))
+    rejected = [r for r in read("rejected.jsonl") if r.get("question")]
+    for reason in dict.fromkeys(r["reason"] for r in rejected):
+        print(f"dropped as {reason}, checked the same way:",
+              json.dumps(check([r for r in rejected if r["reason"] == reason])["counts"], ensure_ascii=False))
     for q, a, gold in result["wrong"][:20]:
         print(f"  wrong: {q} -> {a} (the fact: {gold})")
 
