@@ -338,3 +338,37 @@ def test_another_wording_of_a_question_in_the_qa_set_is_in_qa():
     scored = [QAItem("q1", "P-101の定格能力は何トンですか？", "880トン")]
     items = one(CHUNKS, **{**GOOD, "question": "P-101は最大何トンまで加圧できますか？"})
     assert run_filters(items, scored=scored)[2]["in_qa"] == 1
+
+
+def test_a_question_about_another_machine_with_the_same_number_is_dropped():
+    chunks = [Chunk(Path("台帳.md"), 1, "", "炉-3の設置場所はB棟2階です。", "炉-3の設置場所はB棟2階です。")]
+    items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
+        dict(question="CNC-3の設置場所はどこですか？", answer="B棟2階"),
+        dict(question="炉-3の設置場所はどこですか？", answer="B棟2階"))]
+    kept, _, counts = filter_candidates(items, chunks, [], [], 90, 90)
+    assert counts["question_not_in_quote"] == 1 and [k["question"][:3] for k in kept] == ["炉-3"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"prompt": "nope"}, r"draft_qa.prompt=nope: no prompt template .*nope.txt"),
+    ({"augmented": "/no/such/run"}, r"draft_qa.augmented=/no/such/run: no augmented.jsonl there"),
+])
+def test_bad_settings_stop_with_one_line_before_any_model(tmp_path, setting, message):
+    from pipeline.core.outputs import PipelineError
+
+    (tmp_path / "cpt").mkdir()
+    (tmp_path / "cpt" / "台帳.md").write_text(DOC, encoding="utf-8")
+    cfg = DraftQAConfig(prompts_dir=str(ROOT / "conf" / "draft_qa" / "prompts"), **setting)
+    with pytest.raises(PipelineError, match=message):
+        draft(cfg, DataConfig(cpt=DataPath(str(tmp_path / "cpt"))), ModelConfig(), "fake", 0, tmp_path / "out",
+              generator=FakeGenerator({}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_review_without_its_columns_is_refused(tmp_path):
+    from pipeline.core.outputs import PipelineError
+
+    bad = tmp_path / "review.csv"
+    bad.write_text("id,question,answer\nd1,P-101は?,880トン\n", encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"review.csv: missing column 'accept'"):
+        accept(bad, tmp_path / "qa.jsonl")
