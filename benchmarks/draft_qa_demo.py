@@ -1,7 +1,8 @@
 """How right are the drafted QA candidates? The demo corpus's every fact is known (data/build_demo_data.py), so each
 kept candidate of a `python -m pipeline.draft_qa` output can be checked against the fact it asks about.
 
-    python -m pipeline.draft_qa hydra.run.dir=outputs/draft_qa/demo data.cpt_qa.path=data/cpt_qa/faq_short_questions.jsonl
+    python -m pipeline.draft_qa hydra.run.dir=outputs/draft_qa/demo \
+      data.cpt_qa.path=data/cpt_qa/faq_short_questions.jsonl
     python benchmarks/draft_qa_demo.py outputs/draft_qa/demo
 
 A candidate asks about the demo entity (machine, person, procedure, incident) whose name its question holds (the

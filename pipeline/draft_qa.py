@@ -578,7 +578,7 @@ def draft(cfg, data_cfg, model_cfg, gen_path: str, seed: int, out_dir: str | Pat
             replies += generator.generate(prompts[start:start + step], first_index=start)
             bar.update(min(step, len(prompts) - start))
     seconds = time.time() - t0
-    release(generator if hasattr(generator, "model") else None)
+    release(generator if isinstance(generator, Generator) else None)  # before the closed-book model loads
     items = [{"chunk": i // cfg.samples, "reply": r, "parsed": parse_reply(r)} for i, r in enumerate(replies)]
     kept, rejected, counts = filter_candidates(items, chunks, scored, training,
                                                cfg.quote_similarity, cfg.duplicate_similarity)

@@ -53,7 +53,8 @@ def one(chunks, **cand):
 
 def test_chunks_follow_headings_paragraphs_and_jsonl_records(tmp_path):
     (tmp_path / "台帳.md").write_text(DOC, encoding="utf-8")
-    write_jsonl(tmp_path / "faq.jsonl", [{"text": "質問: P-101の担当者は？\n答え: 佐藤健一"}, {"text": "炉-3は1150度。"}])
+    write_jsonl(tmp_path / "faq.jsonl", [{"text": "質問: P-101の担当者は？\n答え: 佐藤健一"},
+                                         {"text": "炉-3は1150度。"}])
     chunks = chunk_corpus(str(tmp_path), "text", len, 1000)
     md = [c for c in chunks if c.file.suffix == ".md"]
     assert [(c.line, c.heading) for c in md] == [(3, "設備台帳"), (7, "炉")]  # a paragraph each, under its heading
@@ -74,7 +75,8 @@ def test_chunks_follow_headings_paragraphs_and_jsonl_records(tmp_path):
 ])
 def test_parser_reads_json_anywhere_or_labelled_lines(reply):
     cand = parse_reply(reply)
-    assert (cand["question"], cand["answer"], cand["quote"]) == ("P-101の定格能力は?", "880トン", "定格能力は880トンです。")
+    assert (cand["question"], cand["answer"], cand["quote"]) == \
+        ("P-101の定格能力は?", "880トン", "定格能力は880トンです。")
 
 
 @pytest.mark.parametrize("reply", ["", "わかりません", '{"question": "P-101は?"}', "質問: P-101の定格能力は?",
@@ -84,7 +86,8 @@ def test_parser_fails_on_replies_without_a_question_and_answer(reply):
 
 
 def test_a_missing_quote_is_the_chunks_sentence_that_holds_the_answer():
-    assert quote_from_chunk("P-101の定格能力は880トンです。担当者は佐藤健一です。", "佐藤健一") == "担当者は佐藤健一です。"
+    chunk = "P-101の定格能力は880トンです。担当者は佐藤健一です。"
+    assert quote_from_chunk(chunk, "佐藤健一") == "担当者は佐藤健一です。"
 
 
 # --- filters: each case passes every other filter, so only its own filter can drop it ------------------------------
@@ -104,7 +107,8 @@ def test_a_grounded_candidate_is_kept_with_its_source():
 
 
 def test_a_quote_not_in_the_source_is_dropped():
-    _, rejected, counts = run_filters(one(CHUNKS, **{**GOOD, "quote": "P-101の定格能力は880トンで、最新鋭の機械です。"}))
+    invented = "P-101の定格能力は880トンで、最新鋭の機械です。"
+    _, rejected, counts = run_filters(one(CHUNKS, **{**GOOD, "quote": invented}))
     assert counts["quote_not_in_source"] == 1 and rejected[0]["reason"] == "quote_not_in_source"
 
 
@@ -147,7 +151,8 @@ def test_an_unparsed_reply_is_counted():
 def drafted(tmp_path):
     (tmp_path / "cpt").mkdir()
     (tmp_path / "cpt" / "台帳.md").write_text(DOC, encoding="utf-8")
-    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": "q001", "question": "炉-3の設定温度は何度ですか？", "answer": "1150度"}])
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": "q001", "question": "炉-3の設定温度は何度ですか？",
+                                              "answer": "1150度"}])
     cpt_qa = write_jsonl(tmp_path / "cpt_qa.jsonl", [{"id": "c1", "question": "炉-3の点検は何曜日ですか？",
                                                       "answer": "月曜日"}])
     gen = FakeGenerator({
@@ -300,7 +305,8 @@ def test_the_command_runs_a_real_generator_and_refuses_bad_input(tiny_model, tmp
 def test_a_question_about_something_its_quote_does_not_name_is_dropped():
     # the answer is in the quote, but the question asks about another machine (a number the quote never states) or
     # another person (no name shared): its gold answer would be wrong
-    chunks = [Chunk(Path("台帳.md"), 1, "", "CNC-5については14日ごとの点検が決められている。製造二課の一人が東雲葵だ。", "")]
+    text = "CNC-5については14日ごとの点検が決められている。製造二課の一人が東雲葵だ。"
+    chunks = [Chunk(Path("台帳.md"), 1, "", text, "")]
     chunks[0].document = chunks[0].text
     items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
         dict(question="P-24の点検周期は何日ですか？", answer="14日"),
@@ -318,8 +324,8 @@ def test_questions_about_two_machines_or_two_people_are_not_duplicates():
     items = [{"chunk": 0, "reply": "", "parsed": {"aliases": [], "quote": "", **c}} for c in (
         dict(question="P-102の定格能力は何トンですか？", answer="1230トン"),
         dict(question="天野雅人の所属部署はどこですか？", answer="保全課"))]
-    kept, _, counts = filter_candidates(items, chunks, ["P-101の定格能力は何トンですか？", "天野雅史の所属部署はどこですか？"],
-                                        [], 90, 90)
+    scored = ["P-101の定格能力は何トンですか？", "天野雅史の所属部署はどこですか？"]
+    kept, _, counts = filter_candidates(items, chunks, scored, [], 90, 90)
     assert len(kept) == 2 and counts["in_qa"] == 0
 
 
