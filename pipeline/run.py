@@ -35,9 +35,11 @@ from pipeline.core.checkpoints import check_model_dir, declared_tied, is_prequan
 from pipeline.core.config import (DEMO_GENERATOR_PATH, DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings,
                                   check_ranges, flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
+from pipeline.core.mixing import leak_metrics
 from pipeline.core.progress import CONSOLE, route_library_logs
 from pipeline.core.prompts import chat_template_text
 from pipeline.core.tracking import check as check_tracking, log_run
+from pipeline.core.interrupt import exit_status, ignore_further, interruptible, kept_line
 
 log = logging.getLogger("pipeline.run")
 
@@ -195,6 +197,18 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if blockers:
                 raise PipelineError(f"backend={cfg.backend} chose unsloth, which cannot run with {blockers[0]}; use "
                                     f"backend=hf")
+    elif model_cfg.build_demo_if_missing:  # built after these checks, but its shapes are known from model.demo now
+        from pipeline.demo_model import demo_meta_model
+
+        meta = demo_meta_model(model_cfg.demo, model_cfg.max_seq_length)
+        positions, length = meta.config.max_position_embeddings, sections["sft"].max_length
+        if length and length > positions:
+            raise PipelineError(f"sft.max_length={length}: longer than the demo model's {positions} positions (it is "
+                                f"built with max(2048, model.max_seq_length))")
+        for name in ("cpt", "sft"):
+            if name in stages:
+                resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
+                resolve_targets(cfg[name].target_modules, meta, model_cfg.modules, key=f"{name}.target_modules")
 
 
 def check_model_path(model_cfg) -> None:
@@ -374,6 +388,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                                                                        "sft_adapter")}
     cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
     record: Dict[str, object] = {"backend_used": backend}  # + time/<stage>, stage/<stage> (built|reused), key/<stage>
+    # QA files a lever trains or stops on that ask about scored facts: flagged, not refused (pipeline/core/mixing.py)
+    record.update(leak_metrics(data_cfg, typed(cfg, "cpt"), typed(cfg, "sft"), stages))
 
     def run_stage(name: str, link: str, material: dict, build) -> str:
         """Build (or reuse) one stage's output; the run directory gets it as `link` (a symlink into the cache)."""
@@ -389,6 +405,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                 target.symlink_to(out, target_is_directory=True)
             else:
                 out, reused = Path(build(run_dir / link)), False
+        except KeyboardInterrupt as e:  # SIGINT/SIGTERM: run_and_report says what of this stage was kept
+            e.stage, e.output = name, cache.path(name, key) if cache.enabled else run_dir / link
+            e.finished = [s for s in STAGES if f"stage/{s}" in record]
+            e.save_steps = cfg[name].get("save_steps") if name in ("cpt", "sft") else None
+            raise
         except BaseException as e:
             raise stage_failure(name, e) from e
         record.update({f"time/{name}": round(time.time() - t0, 2), f"stage/{name}": "reused" if reused else "built",
@@ -480,7 +501,7 @@ def lever_metrics(paths: Dict[str, Optional[str]]) -> Dict:
     for stage, key, fname, names in (
             ("cpt", "cpt_adapter", "cpt_stats.json", ("lora_scale",)),
             ("sft", "sft_adapter", "sft_stats.json", ("lora_scale", "answer_tokens", "replay_tokens", "replay_share",
-                                                      "best_eval_loss", "steps")),
+                                                      "best_eval_loss", "best_checkpoint_step", "steps")),
             ("chat_vector", "cv_model", "chat_vector.json", ("ratio", "tensors_added"))):
         f = Path(paths[key]) / fname if paths.get(key) else None
         if f and f.is_file():
@@ -560,9 +581,11 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
         run_pipeline(cfg, run_dir)
         log.info("run directory: %s", run_dir, extra=CONSOLE)
         return 0
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (pipeline/core/interrupt.py): one line, 130 or 143
+        return interrupted(e, cfg, run_dir, multirun)
     except BaseException as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
-        if isinstance(e, KeyboardInterrupt) or cfg.get("debug") and not multirun:
+        if cfg.get("debug") and not multirun:
             raise
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
@@ -591,10 +614,35 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
                 torch.cuda.empty_cache()
 
 
+def interrupted(error: KeyboardInterrupt, cfg: DictConfig, run_dir: Path, multirun: bool) -> int:
+    """The one line an interruption gets (what was kept, and that the same command resumes), also in error.txt;
+    `debug=true` prints the traceback first. Returns 130 (SIGINT) or 143 (SIGTERM); a sweep stops altogether."""
+    import traceback
+
+    from tqdm import tqdm
+
+    ignore_further()
+    for bar in list(getattr(tqdm, "_instances", ())):  # the training bar: the line goes on a line of its own
+        bar.close()
+    if cfg.get("debug"):
+        traceback.print_exc()
+    line = kept_line(error, getattr(error, "stage", None), getattr(error, "output", None),
+                     getattr(error, "finished", ()), bool(cfg.cache.enabled), getattr(error, "save_steps", None))
+    if multirun:  # the cells that finished can still be tabled
+        line += f"; the sweep stopped here (python -m pipeline.aggregate {run_dir.parent} tables the finished cells)"
+    print(line, file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(f"Interrupted: {line}\n", encoding="utf-8")
+    if multirun:  # the remaining cells must not start: the user (or the scheduler) stopped the sweep
+        raise SystemExit(exit_status(error))
+    return exit_status(error)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
+    with interruptible():  # SIGTERM, like Ctrl-C, ends in run_and_report's one line
+        status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
     if status and not multirun:
         sys.exit(status)
 

@@ -78,18 +78,24 @@ sys.addaudithook(_no_network)
 """
 
 
-def test_importing_pipeline_makes_the_process_offline():
-    """Every entry point imports `pipeline` first; that alone must switch the Hugging Face libraries offline, even
-    from a shell that says otherwise."""
-    from pipeline import _OFFLINE
+# Written out, not read from pipeline._OFFLINE: dropping a switch from the package's own table must fail here.
+OFFLINE_SWITCHES = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+                    "WANDB_DISABLED": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
-    code = ("import json, os\nimport pipeline\nimport huggingface_hub.constants as hub\n"
-            "print(json.dumps({'env': {k: os.environ.get(k) for k in pipeline._OFFLINE}, 'hub': hub.HF_HUB_OFFLINE}))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=user_env(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0"))
+
+def test_importing_pipeline_makes_the_process_offline():
+    """Every entry point imports `pipeline` first; that alone must switch the Hugging Face libraries (hub,
+    transformers, datasets) offline and the trackers' telemetry off, even from a shell that says otherwise."""
+    code = ("import json, os, sys\nimport pipeline\nimport huggingface_hub.constants as hub\n"
+            "print(json.dumps({'env': {k: os.environ.get(k) for k in json.loads(sys.argv[1])}, "
+            "'hub': hub.HF_HUB_OFFLINE}))")
+    shell = {k: "0" if v == "1" else "false" for k, v in OFFLINE_SWITCHES.items()}  # a shell that says otherwise
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(list(OFFLINE_SWITCHES))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=user_env(**shell))
     assert r.returncode == 0, r.stderr[-2000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
-    assert seen == {"env": _OFFLINE, "hub": True}
+    assert seen == {"env": OFFLINE_SWITCHES, "hub": True}
 
 
 def test_every_stage_opens_no_network_connection(tiny_model, data_files, tmp_path):
@@ -99,14 +105,15 @@ def test_every_stage_opens_no_network_connection(tiny_model, data_files, tmp_pat
     audit_log = tmp_path / "network.log"
     r = run_cli(tiny_overrides(tiny_model, data_files, **{
         "hydra.run.dir": tmp_path / "run", "cache.dir": tmp_path / "cache", "debug": "true",
-        "stages": "[cpt,merge,chat_vector,sft,eval]", "model.instruct_path": tiny_model,
+        "stages": "[augment,cpt,merge,chat_vector,sft,eval]", "model.instruct_path": tiny_model,
+        "augment.generator_path": "null", "augment.max_passages": 4, "augment.max_new_tokens": 4,
         "eval.judge_path": tiny_model, "data.general_qa.path": data_files["qa"],
         "data.heldout.path": data_files["cpt"], "eval.max_questions": 2}),
         prelude=AUDIT, env={"NETWORK_AUDIT_LOG": str(audit_log)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert not audit_log.exists(), audit_log.read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [metrics[f"stage/{s}"] for s in ("cpt", "merge", "chat_vector", "sft", "eval")] == ["built"] * 5
+    assert [metrics[f"stage/{s}"] for s in ("augment", "cpt", "merge", "chat_vector", "sft", "eval")] == ["built"] * 6
     assert metrics["sft/judge"] is not None and metrics["sft/heldout_ppl"] > 1
     # confidentiality: neither the console nor run.log quotes the corpus, the SFT data or the QA answers
     logs = r.stdout + r.stderr + (tmp_path / "run" / "run.log").read_text(encoding="utf-8")

@@ -148,7 +148,8 @@ def decoder_layers(model: nn.Module) -> tuple:
 def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
     """`layers` setting → (sorted layer indices or None for all, the ModuleList name PEFT matches them in).
 
-    null: all layers. A list of indices; a range string "a-b" (inclusive); "upper_half" (the last n//2 layers: in
+    null: all layers. A list of indices; a range string "a-b" (inclusive); "upper_<k>" (the last k layers);
+    "upper_half" (the last n//2 layers: in
     "Spurious Forgetting" (arXiv 2501.13453) the drop after training on a new task came from updates to the bottom
     layers, and freezing them kept the earlier task; adapting only the upper layers leaves the lower ones as CPT left
     them) or "lower_half" (the first n - n//2). Indices are checked against the model's num_hidden_layers.
@@ -162,6 +163,11 @@ def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
             layers = list(range(n - n // 2, n))
         elif text == "lower_half":
             layers = list(range(0, n - n // 2))
+        elif text.startswith("upper_") and text[6:].isdigit():  # the last k layers: a search dimension's strength
+            k = int(text[6:])
+            if not 1 <= k <= n:
+                raise PipelineError(f"{key}={spec!r}: this model has num_hidden_layers={n}; use upper_1 to upper_{n}")
+            layers = list(range(n - k, n))
         elif "-" in text and all(part.strip().isdigit() for part in text.split("-", 1)):
             lo, hi = (int(part) for part in text.split("-", 1))
             if lo > hi:
@@ -169,7 +175,7 @@ def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
             layers = list(range(lo, hi + 1))
         else:
             raise PipelineError(f"{key}={spec!r}: use null (all layers), a list of indices, a range like \"12-23\", "
-                                f"upper_half or lower_half")
+                                f"upper_<k> (the last k layers), upper_half or lower_half")
     elif isinstance(spec, int) and not isinstance(spec, bool):
         layers = [spec]
     elif isinstance(spec, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):

@@ -16,7 +16,8 @@ Filters, in this order (the first that fails names the reason; counts per strate
 - repetitive: a text that loops (a line three times, or a 2-10 character piece three times in a row, eval's rule);
 - test_question: a generated question equal to a scored question of data.qa.path after the scorer's normalisation
   (pipeline/core/scoring.py): training on it would measure the model on its own training data;
-- ungrounded: a QA answer that the source document does not contain (scoring.contains: numbers compared whole);
+- ungrounded: a QA answer that its passage does not contain (scoring.contains: numbers compared whole); the
+  passage, not the whole document: an answer found elsewhere in the document may answer another question;
 - unfaithful: a number in the generated text that its source document never states, compared after the scorer's
   normalisation (`880t` = `八百八十トン` = `880トン`; `15` is not `5`), when augment.faithfulness is on;
 - duplicate: a text whose normalised form is at least augment.dedup_similarity (rapidfuzz ratio, 0-100) similar to
@@ -208,7 +209,7 @@ def filter_replies(jobs: List[dict], replies: List[str], docs: List[str], passag
                 reason = "repetitive"
             elif "question" in item and normalize(item["question"]) in scored_questions:
                 reason = "test_question"
-            elif "answer" in item and not is_grounded(item["answer"], docs[d]):
+            elif "answer" in item and not is_grounded(item["answer"], passages[d][job["passage"]]):
                 reason = "ungrounded"
             elif cfg.faithfulness and unfaithful_numbers(text, doc_numbers[d]):
                 reason = "unfaithful"
@@ -309,6 +310,9 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
         replies_path = build / TRAINER_DIR / REPLIES_FILE
         done = _read_replies(replies_path)
         resumed = len(done)
+        # Only the complete lines go on: a line the kill cut short would hide every batch appended after it.
+        replies_path.write_text("".join(json.dumps({"batch": b, "replies": r}, ensure_ascii=False) + "\n"
+                                        for b, r in sorted(done.items())), encoding="utf-8")
         if done:
             log.info("augment: resuming an interrupted build: %d of %d batches already generated", len(done),
                      len(batches))
