@@ -313,6 +313,33 @@ class AugmentConfig:
 
 
 @dataclass
+class DraftQAConfig:
+    """python -m pipeline.draft_qa (pipeline/draft_qa.py): a local instruct model drafts QA candidates from the CPT
+    corpus for a person to review. A command of its own, not a stage: nothing trains on its output unreviewed."""
+
+    generator_path: Optional[str] = None  # a local instruct (chat) model; null: augment.generator_path's choice
+    engine: str = key("transformers", choices=("transformers", "vllm"))  # vllm: constrained JSON output
+    language: str = key("ja", choices=("ja", "en"))  # which prompt template: <prompts_dir>/<language>/<prompt>.txt
+    prompts_dir: str = "conf/draft_qa/prompts"
+    prompt: str = "qa"  # the template's name; {passage}, {heading} and {examples} are filled in
+    examples: int = key(3, ge=0, doc="questions of data.qa shown in the prompt as the style to ask in")
+    chunk_tokens: int = key(256, ge=1, doc="a chunk's size in generator tokens, cut at sentence ends")
+    max_chunks: Optional[int] = key(None, ge=1)  # only the corpus's first N chunks (quick checks)
+    samples: int = key(1, ge=1, doc="candidates asked per chunk")
+    max_new_tokens: int = key(160, ge=1)
+    temperature: float = key(0.7, ge=0, doc="0: greedy")
+    top_p: float = key(0.95, gt=0, le=1)
+    batch_size: int = key(8, ge=1)
+    seed: Optional[int] = key(None, doc="null: the top-level seed")
+    quote_similarity: float = key(90.0, gt=0, le=100, doc="rapidfuzz partial_ratio of the quote against its source")
+    duplicate_similarity: float = key(90.0, gt=0, le=100, doc="rapidfuzz ratio at which two questions are one")
+    augmented: Optional[str] = None  # an augment stage output: its generated QA is training data too
+    closed_book: bool = False  # ask the base model (model.path) each question; one it answers goes to general_qa
+    closed_book_prompt: str = "質問: {question}\n答え: "
+    group: Optional[str] = None  # the candidates' group label; null: the source file's name
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (pipeline/core/tracking.py); `tracking=none|mlflow` picks conf/tracking/<name>.yaml."""
 

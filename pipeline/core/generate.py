@@ -56,7 +56,8 @@ class Generator:
 
     def __init__(self, path: str, *, engine: str = "transformers", device: str = "auto", dtype: str = "auto",
                  batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
-                 seed: int = 0, trust_remote_code: bool = False, key: str = "augment.generator_path"):
+                 seed: int = 0, trust_remote_code: bool = False, key: str = "augment.generator_path",
+                 json_schema: Optional[dict] = None):
         from pipeline.core.checkpoints import check_model_dir, load_tokenizer
         from pipeline.core.devices import resolve_device, resolve_dtype
 
@@ -65,6 +66,7 @@ class Generator:
         self.path, self.engine, self.batch_size = str(path), engine, batch_size
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.generated_tokens = 0
+        self.json_schema = json_schema  # vllm: every reply constrained to this JSON schema (draft_qa's candidates)
         self.tokenizer = load_tokenizer(path, trust_remote_code)
         if not self.tokenizer.chat_template:
             raise PipelineError(f"{key}={path}: the tokenizer has no chat template; the generator must be an "
@@ -126,8 +128,19 @@ class Generator:
     def _generate_vllm(self, prompts: List[str], first_index: int) -> List[str]:
         from vllm import SamplingParams
 
+        constraint = {}
+        if self.json_schema is not None:  # vLLM >= 0.10 names it structured_outputs, older ones guided_decoding
+            try:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                constraint = {"structured_outputs": StructuredOutputsParams(json=self.json_schema)}
+            except ImportError:
+                from vllm.sampling_params import GuidedDecodingParams
+
+                constraint = {"guided_decoding": GuidedDecodingParams(json=self.json_schema)}
         params = [SamplingParams(temperature=self.temperature, top_p=self.top_p if self.temperature > 0 else 1.0,
-                                 max_tokens=self.max_new_tokens, seed=batch_seed(self.seed, first_index + i))
+                                 max_tokens=self.max_new_tokens, seed=batch_seed(self.seed, first_index + i),
+                                 **constraint)
                   for i in range(len(prompts))]
         # Token ids, not text: vLLM would add a BOS of its own in front of the one the chat template wrote.
         ids = self.tokenizer([self.render(p) for p in prompts], add_special_tokens=False)["input_ids"]
