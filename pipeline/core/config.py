@@ -111,8 +111,15 @@ class ModelConfig:
 
 @dataclass
 class DataPath:
+    # A file, a directory or a glob: .txt/.md, .jsonl/.json, .csv, .parquet, .arrow or a save_to_disk directory
+    # (pipeline/core/data.py). The *_field keys name the columns where a table calls them otherwise; each is read
+    # only by the parts it fits, and the cache keys hash the records they select, not the names.
     path: Optional[str] = None
-    text_field: str = "text"  # the field holding a document in .jsonl CPT files
+    text_field: str = "text"  # a document, in tables of text (cpt, heldout, replay)
+    question_field: str = "question"  # QA tables (qa, general_qa, cpt_qa, dev_qa)
+    answer_field: str = "answer"
+    id_field: str = "id"
+    messages_field: str = "messages"  # SFT: the list of {role, content} turns (sharegpt's `conversations` is found too)
 
 
 @dataclass
