@@ -127,11 +127,13 @@ class Table:
         for i, row in enumerate(self.rows):
             yield i, {k: v for k, v in row.items() if v is not None}
 
-    def column_batches(self, name: str) -> Iterator[tuple[int, list]]:
-        """(index of the first row, values) of one column, BATCH rows at a time; a missing column is one error."""
+    def column_batches(self, name: str, hint: str) -> Iterator[tuple[int, list]]:
+        """(index of the first row, values) of one column, BATCH rows at a time; a missing column is one error,
+        `hint` its config key."""
         if not isinstance(self.rows, list):
             if len(self.rows) and name not in self.rows.column_names:
-                raise PipelineError(f"{self.where(0)}: no field '{name}' (columns: {', '.join(self.rows.column_names)})")
+                raise PipelineError(f"{self.where(0)}: missing string field '{name}' ({hint}; columns: "
+                                    f"{', '.join(self.rows.column_names)})")
             if len(self.rows):
                 for start, batch in zip(range(0, len(self.rows), BATCH),
                                         self.rows.select_columns([name]).iter(batch_size=BATCH)):
@@ -141,16 +143,27 @@ class Table:
             yield start, [r.get(name) for r in self.rows[start:start + BATCH]]
 
 
-def _is_json_array(path: Path) -> bool:
+def _json_head(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head[:1] == b"["
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+
+
+def _is_json_array(path: Path) -> bool:
+    return _json_head(path)[:1] == b"["
+
+
+def _starts_with_object(path: Path) -> bool:
+    """The first record is an object. (datasets reads a file of arrays as a column of strings.)"""
+    head = _json_head(path)
+    if path.suffix == ".json" and head[:1] == b"[":
+        return head[1:].lstrip()[:1] in (b"{", b"]")
+    return head[:1] in (b"{", b"")
 
 
 def _json_by_hand(path: Path) -> Table:
     """The rows of a JSON file read with Python's json: for the errors Arrow reports without a line, and for files
     whose objects change shape from line to line."""
-    if _is_json_array(path):
+    if path.suffix == ".json" and _is_json_array(path):
         try:
             rows = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
@@ -191,6 +204,8 @@ def open_table(path: Path) -> Table:
             return Table(path, [])
         kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
                   "keep_default_na": False}
+    if path.suffix in (".jsonl", ".json") and not _starts_with_object(path):
+        return _json_by_hand(path)  # names the line that is not an object
     try:
         ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train",
                                    cache_dir=_datasets_cache, **kwargs)
@@ -219,13 +234,13 @@ def iter_document_batches(spec: str | None, text_field: str = "text", key: str =
             if text:
                 yield [text]
             continue
-        table = open_table(f)
-        for start, values in table.column_batches(text_field):
+        table, hint = open_table(f), f"{key.rsplit('.', 1)[0]}.text_field"
+        for start, values in table.column_batches(text_field, hint):
             for j, text in enumerate(values):
                 if not isinstance(text, str):  # absent and null are one thing in a table
-                    what = "" if text is None else f" (a {type(text).__name__})"
-                    raise PipelineError(f"{table.where(start + j)}: missing string field '{text_field}'{what} "
-                                        f"({key.rsplit('.', 1)[0]}.text_field)")
+                    what = "" if text is None else f", a {type(text).__name__}"
+                    raise PipelineError(f"{table.where(start + j)}: missing string field '{text_field}' "
+                                        f"({hint}{what})")
             yield [t.strip() for t in values if t.strip()]
 
 
@@ -397,7 +412,8 @@ _memo: dict = {}
 
 def _memoized(what: tuple, compute) -> str:
     if what not in _memo:
-        _memo.clear()  # one entry per data part is plenty; never grows with a sweep
+        if len(_memo) >= 8:  # a few data parts; never grows with a sweep
+            _memo.pop(next(iter(_memo)))
         _memo[what] = compute()
     return _memo[what]
 
