@@ -58,16 +58,16 @@ class TokenizedCorpus:
         try:
             docs = iter(docs)
             while batch := list(itertools.islice(docs, chunk)):
-                ids_batch = []
-                for ids in tokenizer(batch, verbose=False)["input_ids"]:
-                    if not ids or ids[-1] != eos:
-                        ids = [*ids, eos]
-                    ids_batch.append(np.asarray(ids, dtype=np.int32))
-                    lengths.append(len(ids))
+                ids_batch = [ids if ids and ids[-1] == eos else [*ids, eos]
+                             for ids in tokenizer(batch, verbose=False)["input_ids"]]
+                sizes = [len(ids) for ids in ids_batch]
+                lengths += sizes
+                # one array per batch, straight from the lists (an array per document costs more than the copy)
+                ids = np.fromiter(itertools.chain.from_iterable(ids_batch), dtype=np.int32, count=sum(sizes))
                 if sink is not None:
-                    np.concatenate(ids_batch).tofile(sink)
+                    ids.tofile(sink)
                 else:
-                    pieces.extend(ids_batch)
+                    pieces.append(ids)
         finally:
             if sink is not None:
                 sink.close()
