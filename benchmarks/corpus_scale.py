@@ -3,8 +3,9 @@
     python benchmarks/corpus_scale.py --size-mb 1024 [--workdir DIR] [--tokenizer DIR] [--keep]
 
 Generates --size-mb MB of JSON lines ({"text": ...}) from the demo's text: the paragraphs of data/cpt and
-data/pretrain drawn with a seeded generator into documents of 2-8 paragraphs. Then, each in its own process, so
-that each peak RSS is that process's own:
+data/pretrain drawn with a seeded generator into documents of 2-8 paragraphs (a corpus already in --workdir is
+reused). Then, each in its own process (each peak RSS is that process's own) and both at once (on a shared machine
+both see the same neighbours):
 
 1. the tokenizer alone: the file read line by line, json-decoded, the fast tokenizer called on 256 documents at a
    time (the call TokenizedCorpus makes), the ids dropped: the throughput the preparation should reach;
@@ -36,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import pipeline  # noqa: E402,F401  (offline environment)
+
 BATCH = 256  # documents per tokenizer call, as TokenizedCorpus
 
 
@@ -45,6 +48,8 @@ def peak_rss_mb() -> float:
 
 def generate(path: Path, size_mb: int, seed: int = 0) -> dict:
     """Documents of 2-8 paragraphs of the demo's text, seeded, until the file holds size_mb MB."""
+    if path.is_file() and path.stat().st_size >= size_mb * 2**20:  # the same seed wrote the same file
+        return {"bytes": path.stat().st_size, "documents": sum(1 for _ in open(path, "rb")), "paragraphs": "reused"}
     paragraphs = []
     for f in sorted((ROOT / "data" / "cpt").glob("*.md")) + [ROOT / "data" / "pretrain" / "public_corpus.txt"]:
         paragraphs += [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
@@ -83,9 +88,11 @@ def clock() -> tuple:
     return time.time(), time.process_time()
 
 
-def timed(t0: tuple, **extra) -> dict:
-    return {"seconds": time.time() - t0[0], "cpu": time.process_time() - t0[1], **extra,
-            "peak_rss_mb": peak_rss_mb()}
+def timed(t0: tuple, phase: str = "", **extra) -> dict:
+    out = {"seconds": time.time() - t0[0], "cpu": time.process_time() - t0[1], **extra, "peak_rss_mb": peak_rss_mb()}
+    if phase:  # as it happens, for a run cut short
+        print(f"[{phase}] " + ", ".join(f"{k} {v:,.1f}" for k, v in out.items()), file=sys.stderr, flush=True)
+    return out
 
 
 def tokenizer_alone(corpus: Path, tok) -> dict:
@@ -99,9 +106,11 @@ def tokenizer_alone(corpus: Path, tok) -> dict:
             batch.append(json.loads(line)["text"])
             if len(batch) == BATCH:
                 tokens, docs, batch = tokens + run(batch), docs + len(batch), []
+                if docs % (BATCH * 400) == 0:
+                    timed(t0, "tokenizer alone, so far", tokens=tokens, documents=docs)
     if batch:
         tokens, docs = tokens + run(batch), docs + len(batch)
-    return {"tokenize": timed(t0, tokens=tokens, documents=docs)}
+    return {"tokenize": timed(t0, "tokenizer alone", tokens=tokens, documents=docs)}
 
 
 def preparation(corpus: Path, tok, workdir: Path) -> dict:
@@ -112,24 +121,22 @@ def preparation(corpus: Path, tok, workdir: Path) -> dict:
     use_datasets_cache(workdir / ".datasets")  # as run.py: under the stage cache
     out, spec = {}, str(corpus)
     t0 = clock()
-    out["validate"] = timed(t0, documents=check_cpt_documents(spec))
+    out["validate"] = timed(t0, "preparation: validate", documents=check_cpt_documents(spec))
     t0 = clock()
     fingerprint_documents(spec)
-    out["key"] = timed(t0)
+    out["key"] = timed(t0, "preparation: key")
     t0 = clock()
     tokens = TokenizedCorpus(corpus_documents(DataPath(spec), []), tok, path=workdir / "corpus.int32")
-    out["tokenize"] = timed(t0, tokens=tokens.total_tokens, documents=tokens.documents)
+    out["tokenize"] = timed(t0, "preparation: tokenize", tokens=tokens.total_tokens, documents=tokens.documents)
     t0 = clock()
     packed = PackedEpochs(tokens, 2048, seed=0, epochs=1)
     for i in range(0, len(packed), max(1, len(packed) // 1000)):  # a thousand blocks across the packing
         packed[i]
-    out["pack"] = timed(t0, blocks=len(packed))
+    out["pack"] = timed(t0, "preparation: pack", blocks=len(packed))
     return out
 
 
 def child(args) -> None:
-    import pipeline  # noqa: F401  (offline environment)
-
     tok = load_tokenizer(args.tokenizer, args.workdir)
     base = peak_rss_mb()
     result = tokenizer_alone(args.corpus, tok) if args.child == "alone" else preparation(args.corpus, tok,
@@ -137,14 +144,22 @@ def child(args) -> None:
     print(json.dumps({"imports_rss_mb": base, **result}))
 
 
-def run_child(kind: str, args, corpus: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--workdir", str(args.workdir)]
-    if args.tokenizer:
-        cmd += ["--tokenizer", args.tokenizer]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode:
-        sys.exit(f"{kind} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_children(args, corpus: Path) -> tuple:
+    """Both measurements at once, each in its own process: on a shared machine both see the same neighbours."""
+    procs = []
+    for kind in ("alone", "prepare"):
+        cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(corpus), "--workdir", str(args.workdir)]
+        if args.tokenizer:
+            cmd += ["--tokenizer", args.tokenizer]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+    results = []
+    for kind, proc in zip(("alone", "prepare"), procs):
+        out, _ = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"{kind} failed (its error is above)")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return tuple(results)
 
 
 def main() -> None:
@@ -166,11 +181,11 @@ def main() -> None:
         corpus = args.workdir / "corpus.jsonl"
         t0 = time.time()
         made = generate(corpus, args.size_mb)
+        load_tokenizer(args.tokenizer, args.workdir)  # the demo's is trained once, here, before either child starts
         mb = made["bytes"] / 2**20
-        print(f"corpus: {mb:.0f} MB, {made['documents']:,} documents of the demo's {made['paragraphs']} paragraphs "
+        print(f"corpus: {mb:.0f} MB, {made['documents']:,} documents (paragraphs of the demo: {made['paragraphs']}) "
               f"({time.time() - t0:.0f} s to write)", flush=True)
-        alone = run_child("alone", args, corpus)  # also trains and saves the demo tokenizer, outside the timing
-        prep = run_child("prepare", args, corpus)
+        alone, prep = run_children(args, corpus)
         print(f"\n{'':24} {'wall s':>8} {'CPU s':>8} {'MB/CPU s':>9} {'tokens/CPU s':>13} {'peak RSS':>10}")
         rows = [("tokenizer alone", alone["tokenize"])] + \
                [(f"preparation: {k}", v) for k, v in prep.items() if isinstance(v, dict)]

@@ -84,7 +84,9 @@ class DemoBuildConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = DEMO_MODEL_PATH  # local Hugging Face checkpoint directory (never a hub name)
+    # a local checkpoint directory, or a Hub id (org/name[@revision]) found in the local Hugging Face cache, never
+    # downloaded (checkpoints.resolve_model_path)
+    path: str = DEMO_MODEL_PATH
     # auto = float32 on CPU, bfloat16 on a GPU; also float32/bfloat16/float16
     dtype: str = key("auto", choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
     max_seq_length: int = key(128, ge=2)  # CPT block length and SFT max length
