@@ -15,7 +15,8 @@ both see the same neighbours):
    (TokenizedCorpus over corpus_documents, as train_cpt), and the first packing (PackedEpochs).
 
 Prints per phase the wall and CPU seconds, MB/s and tokens/s (per CPU second: on a shared machine the wall time
-measures the neighbours), the peak RSS after it, and the ratio of the preparation's tokenization to the tokenizer
+measures the neighbours), the process's peak RSS so far, and within the phase the peak anonymous memory and the
+peak of memory-mapped file pages resident (MemoryPeaks), and the ratio of the preparation's tokenization to the tokenizer
 alone. The tokenizer is the demo model's (byte-level BPE, 4,000 tokens, trained here in seconds
 as pipeline.demo_model trains it) unless --tokenizer names a checkpoint directory. Needs about 3.5x --size-mb of
 disk in --workdir (the corpus, datasets' Arrow copy, the token file).
@@ -44,6 +45,35 @@ BATCH = 256  # documents per tokenizer call, as TokenizedCorpus
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class MemoryPeaks:
+    """The largest anonymous and file-backed resident memory seen since the last reset, sampled every 50 ms from
+    /proc/self/status. The peak RSS counts pages of memory-mapped files (datasets' Arrow files, the token file) as
+    resident while they sit in the page cache, though the kernel reclaims them at will: anonymous memory is what the
+    process really holds."""
+
+    def __init__(self):
+        import threading
+
+        self.anon = self.file = 0.0
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        while True:
+            fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
+            self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) / 1024)
+            self.file = max(self.file, int(fields["RssFile"].split()[0]) / 1024)
+            time.sleep(0.05)
+
+    def take(self) -> dict:
+        time.sleep(0.1)
+        out = {"peak_anon_mb": self.anon, "peak_file_mb": self.file}
+        self.anon = self.file = 0.0
+        return out
+
+
+PEAKS = None
 
 
 def generate(path: Path, size_mb: int, seed: int = 0) -> dict:
@@ -89,7 +119,8 @@ def clock() -> tuple:
 
 
 def timed(t0: tuple, phase: str = "", **extra) -> dict:
-    out = {"seconds": time.time() - t0[0], "cpu": time.process_time() - t0[1], **extra, "peak_rss_mb": peak_rss_mb()}
+    out = {"seconds": time.time() - t0[0], "cpu": time.process_time() - t0[1], **extra, "peak_rss_mb": peak_rss_mb(),
+           **PEAKS.take()}
     if phase:  # as it happens, for a run cut short
         print(f"[{phase}] " + ", ".join(f"{k} {v:,.1f}" for k, v in out.items()), file=sys.stderr, flush=True)
     return out
@@ -137,8 +168,10 @@ def preparation(corpus: Path, tok, workdir: Path) -> dict:
 
 
 def child(args) -> None:
+    global PEAKS
     tok = load_tokenizer(args.tokenizer, args.workdir)
     base = peak_rss_mb()
+    PEAKS = MemoryPeaks()
     result = tokenizer_alone(args.corpus, tok) if args.child == "alone" else preparation(args.corpus, tok,
                                                                                           args.workdir)
     print(json.dumps({"imports_rss_mb": base, **result}))
@@ -186,13 +219,14 @@ def main() -> None:
         print(f"corpus: {mb:.0f} MB, {made['documents']:,} documents (paragraphs of the demo: {made['paragraphs']}) "
               f"({time.time() - t0:.0f} s to write)", flush=True)
         alone, prep = run_children(args, corpus)
-        print(f"\n{'':24} {'wall s':>8} {'CPU s':>8} {'MB/CPU s':>9} {'tokens/CPU s':>13} {'peak RSS':>10}")
+        print(f"\n{'':24} {'wall s':>8} {'CPU s':>8} {'MB/CPU s':>9} {'tokens/CPU s':>13} {'peak RSS':>10} "
+              f"{'of it anonymous':>16} {'mapped files':>13}")
         rows = [("tokenizer alone", alone["tokenize"])] + \
                [(f"preparation: {k}", v) for k, v in prep.items() if isinstance(v, dict)]
         for name, r in rows:
             tps = f"{r['tokens'] / r['cpu']:,.0f}" if "tokens" in r else "-"
             print(f"{name:24} {r['seconds']:8.1f} {r['cpu']:8.1f} {mb / r['cpu']:9.2f} {tps:>13} "
-                  f"{r['peak_rss_mb']:7.0f} MB")
+                  f"{r['peak_rss_mb']:7.0f} MB {r['peak_anon_mb']:13.0f} MB {r['peak_file_mb']:10.0f} MB")
         phases = [v for v in prep.values() if isinstance(v, dict)]
         a, t = alone["tokenize"], prep["tokenize"]
         print(f"\npeak RSS after imports and the tokenizer: {alone['imports_rss_mb']:.0f} MB (tokenizer run), "
