@@ -82,7 +82,8 @@ def test_every_format_and_shape_reads_to_the_same_records(tmp_path):
                         {"role": "assistant", "content": "一週間は七日です。"}]
     assert load_sft_records(str(to_json_array([sharegpt(m) for m in chats], tmp_path / "sharegpt.json"))) == chats
     assert load_sft_records(str(to_parquet([{"messages": m} for m in chats], tmp_path / "sft.parquet"))) == chats
-    alpaca = [{"instruction": "次の文を丁寧語にしてください。", "input": "これはペンだ。", "output": "これはペンです。"}]
+    alpaca = [{"instruction": "次の文を丁寧語にしてください。", "input": "これはペンだ。",
+               "output": "これはペンです。"}]
     assert load_sft_records(str(to_csv(alpaca, tmp_path / "alpaca.csv"))) == [chats[2]]
 
     expected = load_qa(str(write_jsonl(tmp_path / "qa.jsonl", QA)))
@@ -114,7 +115,8 @@ def test_the_demos_data_converted_to_each_format_has_the_jsonl_originals_keys(ti
     """The demo's files (data/cpt: .md files and an FAQ export in JSON lines; the SFT chats; the QA and held-out
     sets) as parquet, CSV, saved Arrow datasets and sharegpt JSON: every stage key equals the originals'."""
     original = {"cpt": ROOT / "data" / "cpt", "sft": ROOT / "data" / "sft" / "chat.jsonl",
-                "qa": ROOT / "eval_sets" / "qa.jsonl", "heldout": ROOT / "data" / "heldout" / "domain_paraphrases.jsonl"}
+                "qa": ROOT / "eval_sets" / "qa.jsonl",
+                "heldout": ROOT / "data" / "heldout" / "domain_paraphrases.jsonl"}
     docs = [{"text": t} for t in load_cpt_documents(str(original["cpt"]))]
     chats = load_sft_records(str(original["sft"]))
     qa, heldout = rows_of(original["qa"]), rows_of(original["heldout"])
@@ -129,10 +131,12 @@ def test_the_demos_data_converted_to_each_format_has_the_jsonl_originals_keys(ti
         "csv": {"cpt": to_csv(docs, d / "cpt.csv"), "sft": to_csv(pairs, d / "sft.csv"), "qa": to_csv(qa, d / "qa.csv"),
                 "heldout": to_csv(heldout, d / "heldout.csv")},
         "arrow": {"cpt": to_saved_dataset(docs, d / "cpt_arrow"), "sft": to_saved_dataset(pairs, d / "sft_arrow"),
-                  "qa": to_saved_dataset(qa, d / "qa_arrow"), "heldout": to_saved_dataset(heldout, d / "heldout_arrow")},
+                  "qa": to_saved_dataset(qa, d / "qa_arrow"),
+                  "heldout": to_saved_dataset(heldout, d / "heldout_arrow")},
         "sharegpt json": {"cpt": to_json_array(docs, d / "cpt.json"),
                           "sft": to_json_array([sharegpt(c) for c in chats], d / "sft.json"),
-                          "qa": to_json_array(qa, d / "qa.json"), "heldout": to_json_array(heldout, d / "heldout.json")},
+                          "qa": to_json_array(qa, d / "qa.json"),
+                          "heldout": to_json_array(heldout, d / "heldout.json")},
     }
     expected = keys_for(tiny_model, original, tmp_path)
     for name, files in variants.items():
@@ -186,8 +190,9 @@ def test_a_hub_id_resolves_from_the_local_cache_and_is_keyed_by_its_commit(tiny_
     assert resolve_model_path(f"kk-test/tiny@{second}") == str(newer)  # a commit
     assert resolve_model_path("kk-test/tiny@v2") == str(newer)  # a tag or branch, through refs/
     assert resolve_model_path(str(tiny_model)) == str(tiny_model)  # a directory stays a directory
-    with pytest.raises(PipelineError, match=r"^model\.path=kk-test/other: no such directory, and kk-test/other is not "
-                                            r"in the local Hugging Face cache \(searched .*hf_hub/models--kk-test--other\)"):
+    with pytest.raises(PipelineError, match=r"^model\.path=kk-test/other: no such directory, and kk-test/other is "
+                                            r"not in the local Hugging Face cache \(searched "
+                                            r".*hf_hub/models--kk-test--other\)"):
         resolve_model_path("kk-test/other")
     with pytest.raises(PipelineError, match=r"revision 'v3' of kk-test/tiny is not in the local Hugging Face cache"):
         resolve_model_path("kk-test/tiny@v3")

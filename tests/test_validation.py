@@ -122,7 +122,8 @@ def cases(tmp: Path, model: Path) -> dict:
             r"chat\.json: row 1: conversations\[1\]\.from='bot' \(human, gpt or system\)"),
         "Hub id not in the local cache": ({"model.path": "no-org/no-model"},
                                           r"^model\.path=no-org/no-model: no such directory, and no-org/no-model is "
-                                          r"not in the local Hugging Face cache \(searched .*models--no-org--no-model\)"),
+                                          r"not in the local Hugging Face cache "
+                                          r"\(searched .*models--no-org--no-model\)"),
         # outputs and earlier stages' outputs
         "cache dir not writable": ({"cache.dir": _write(tmp / "a_file", "x") / "cache"},
                                    r"^cache\.dir=.*a_file/cache: not writable"),

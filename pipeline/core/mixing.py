@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 from pipeline.core.outputs import PipelineError, example
 from pipeline.core.data import QAItem, explicit_ids, load_qa, qa_source
