@@ -12,6 +12,7 @@ cpt.save_steps steps; a run killed midway resumes from its last checkpoint (outp
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 import math
@@ -53,7 +54,7 @@ class TokenizedCorpus:
 
     def __init__(self, docs: Iterable[str], tokenizer, chunk: int = 256, path: Optional[Path] = None):
         eos = tokenizer.eos_token_id
-        pieces, lengths = [], []
+        pieces, lengths = [], array.array("q")  # 8 bytes a document (a list: 36)
         sink = open(path, "wb") if path is not None else None
         try:
             docs = iter(docs)
@@ -61,7 +62,7 @@ class TokenizedCorpus:
                 ids_batch = [ids if ids and ids[-1] == eos else [*ids, eos]
                              for ids in tokenizer(batch, verbose=False)["input_ids"]]
                 sizes = [len(ids) for ids in ids_batch]
-                lengths += sizes
+                lengths.extend(sizes)
                 # one array per batch, straight from the lists (an array per document costs more than the copy)
                 ids = np.fromiter(itertools.chain.from_iterable(ids_batch), dtype=np.int32, count=sum(sizes))
                 if sink is not None:
@@ -71,7 +72,7 @@ class TokenizedCorpus:
         finally:
             if sink is not None:
                 sink.close()
-        self.lengths = np.array(lengths, dtype=np.int64)
+        self.lengths = np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         if path is not None and self.lengths.sum():
             self.tokens = np.memmap(path, dtype=np.int32, mode="r", shape=(int(self.lengths.sum()),))
