@@ -29,9 +29,13 @@ HELDOUT_PATH = ROOT / "data" / "heldout" / "domain_paraphrases.jsonl"
 PRETRAIN_PATH = ROOT / "data" / "pretrain" / "public_corpus.txt"
 SFT_PATH = ROOT / "data" / "sft" / "chat.jsonl"
 QA_PATH = ROOT / "eval_sets" / "qa.jsonl"
-# Question-answer pairs for the cpt.qa_mix lever (PIT-style QA in CPT) and the SFT dev set: the FAQ facts asked in a
-# third, short wording ("P-101の定格能力は？") that neither the QA set nor the FAQ export uses.
+# Question-answer pairs for the cpt.qa_mix lever (PIT-style QA in CPT): the FAQ facts asked in a third, short wording
+# ("P-101の定格能力は？") that neither the QA set nor the FAQ export uses. They ask about scored facts on purpose (PIT
+# practises on the documents' facts); the run records that as `leak/cpt_qa_shared_facts`.
 CPT_QA_PATH = ROOT / "data" / "cpt_qa" / "faq_short_questions.jsonl"
+# The SFT dev set of the early_stop lever: held-out chat of SFT's own kind (public-world questions answered briefly,
+# and sums), sharing no fact, and no answer, with the scored QA set: early stopping must not select on test answers.
+DEV_QA_PATH = ROOT / "data" / "sft" / "dev_qa.jsonl"
 GENERAL_QA_PATH = ROOT / "eval_sets" / "general_qa.jsonl"
 
 PARAPHRASES_PER_FACT = 6  # every statement template is used once per fact, each in a different document
@@ -971,6 +975,27 @@ def main():
     rng.shuffle(sft)
     write_jsonl(SFT_PATH, sft)
 
+    # ---------------- SFT dev set (the early_stop lever) ----------------
+    # Its own generator, drawn after everything else, so the files above stay byte for byte what they were.
+    dev_rng = random.Random(1)
+    scored_answers = {a for r in qa_rows for a in [r["answer"], *r["aliases"]]}
+    sft_questions = {ex["messages"][0]["content"] for ex in sft}
+    dev = []
+    for i in pf[175:]:  # public facts in neither the SFT set's questions nor its rewriting examples
+        f = public.facts[i]
+        if f["answer"] in scored_answers or any(a in scored_answers for a in f["aliases"]):
+            continue  # no scored answer value either, so the fact check at run time has nothing to find
+        q = render(dev_rng.choice(RELATIONS[f["relation"]]["questions"]), f)
+        if q not in sft_questions and len(dev) < 30:
+            dev.append((q, f"{f['answer']}です。"))
+    while len(dev) < 40:
+        x, y = dev_rng.randint(2, 60), dev_rng.randint(2, 40)
+        q = f"{x}足す{y}はいくつですか？"
+        if q not in sft_questions and q not in [d[0] for d in dev]:
+            dev.append((q, f"{x}+{y}は{x + y}です。"))
+    dev_rows = [{"id": f"d{k:03d}", "question": q, "answer": a} for k, (q, a) in enumerate(dev, 1)]
+    write_jsonl(DEV_QA_PATH, dev_rows)
+
     # =====================================================================================================
     # Checks
     # =====================================================================================================
@@ -1050,6 +1075,7 @@ def main():
     print(f"data/heldout/domain_paraphrases.jsonl: {len(held_rows)} records")
     print(f"data/cpt_qa/faq_short_questions.jsonl: {len(short_rows)} records")
     print(f"data/sft/chat.jsonl: {len(sft)} records ({n_sft_tmpl} in QA question templates)")
+    print(f"data/sft/dev_qa.jsonl: {len(dev_rows)} records")
     print("all checks passed")
 
 

@@ -104,10 +104,32 @@ def train_tokenizer(texts: List[str], vocab_size: int, extra_chars: List[str] = 
                                    unk_token="<unk>", chat_template=CHAT_TEMPLATE, model_max_length=4096)
 
 
+def demo_config(cfg: DemoBuildConfig, vocab_size: int, max_seq_length: int, **token_ids):
+    """The demo model's LlamaConfig. Its shapes follow from model.demo alone (the tokenizer only fixes the vocabulary's
+    exact size), so validation checks target modules and layers against it before the minutes-long build."""
+    from transformers import LlamaConfig
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise PipelineError(f"model.demo.hidden_size={cfg.hidden_size}: not a multiple of "
+                            f"model.demo.num_heads={cfg.num_heads}")
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(2048, max_seq_length), tie_word_embeddings=False, **token_ids)
+
+
+def demo_meta_model(cfg: DemoBuildConfig, max_seq_length: int):
+    """The demo model's architecture without weights (meta device), before it is built: milliseconds."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(demo_config(cfg, cfg.vocab_size, max_seq_length))
+
+
 def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: int = 256) -> Path:
     """Train tokenizer + tiny Llama from scratch and save them at `out_dir` (atomically)."""
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
     from pipeline.stages.cpt import collate_blocks, pack_epochs
 
@@ -121,12 +143,8 @@ def build_demo_model(cfg: DemoBuildConfig, out_dir: str | Path, max_seq_length: 
     passes = max(1, math.ceil(cfg.num_epochs))
     n_tokens = sum(map(len, blocks)) // passes
     set_seed(cfg.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=max(2048, max_seq_length), tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
+    model = LlamaForCausalLM(demo_config(cfg, len(tok), max_seq_length, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("demo model: pretraining a %.1fM-parameter Llama on %d documents (%d tokens, vocab %d) for %g epochs",
              n_params / 1e6, len(docs), n_tokens, len(tok), cfg.num_epochs)

@@ -33,14 +33,17 @@ from pipeline.cache import StageCache, fingerprint_model, stage_key
 from pipeline.core.data import use_datasets_cache
 from pipeline.core.outputs import PipelineError, is_complete, log_examples, write_json
 from pipeline.core.devices import check_4bit_support, resolve_device, resolve_dtype
-from pipeline.core.checkpoints import (check_model_dir, declared_tied, is_prequantized, load_tokenizer,
-                                       resolve_model_path)
+from pipeline.core.checkpoints import declared_tied, inspect_checkpoint, is_prequantized, resolve_model_path
 from pipeline.core.config import (DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings, check_ranges,
-                                  flat_config, typed)
+                                  check_run, flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
+from pipeline.core.mixing import leak_metrics
 from pipeline.core.progress import CONSOLE, route_library_logs
-from pipeline.core.prompts import chat_template_text
+from pipeline.core.lineage import check_input, check_pair
+from pipeline.core.prompts import FORMAT_FIELDS, chat_template_text, check_chat_template, check_format, \
+    check_sft_lengths
 from pipeline.core.tracking import check as check_tracking, log_run
+from pipeline.core.interrupt import exit_status, ignore_further, interruptible, kept_line
 
 log = logging.getLogger("pipeline.run")
 
@@ -94,12 +97,15 @@ def _require(path: Optional[str], key: str, stage: str) -> str:
 def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     """Check every input the requested stages will read, so bad input fails before minutes of training.
 
-    Order: the config itself (types and the ranges declared in pipeline/core/config.py), the model directory, every data
-    file (opened and parsed in full), then what needs the model's shapes (module names, positions, vocabulary)."""
+    Order: the config itself (types and the ranges declared in pipeline/core/config.py, format strings), the model
+    directory, every data file (opened and parsed in full, its content checked: pipeline/core/content.py), earlier
+    stages' outputs (kind and lineage), then what needs the checkpoint read without its weights (module names,
+    positions, vocabulary, LoRA ranks, the chat template, SFT prompt lengths)."""
+    from pipeline.core.content import check_qa_content, check_sft_content, check_tokenizable
     from pipeline.core.data import check_cpt_documents, load_qa, load_sft_records, qa_fields
     from pipeline.stages.chat_vector import check_instruct
     from pipeline.core.mixing import check_lever_inputs
-    from pipeline.core.modules import add_tokens, embedding_rows, is_tied, meta_model, resolve_layers, resolve_targets
+    from pipeline.core.modules import add_tokens, check_rank, embedding_rows, is_tied, resolve_layers, resolve_targets
     from pipeline.core.scoring import HEADLINE_METRICS
 
     sections = {name: typed(cfg, name) for name in SECTIONS}
@@ -110,6 +116,14 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     for name in ("cpt", "sft"):
         if sections[name].max_steps == 0:
             raise PipelineError(f"{name}.max_steps=0: use -1 (train {name}.num_epochs) or a positive step count")
+    # Format strings, checked where a stage will format them: a missing field fails only in that stage.
+    readers = {"model.prompt_template": {"sft", "eval", "chat_vector"}, "eval.completion_prompt": {"eval"},
+               "cpt.qa_template": {"cpt"} if sections["cpt"].qa_mix else set(),
+               "eval.judge_prompt": {"eval"} if ev.judge_path else set()}
+    for k in FORMAT_FIELDS:
+        if readers[k] & set(stages):
+            section, name = k.split(".")
+            check_format(getattr(sections[section], name), k)
     check_output_dir(cfg)
     check_model_path(model_cfg)
     for name in ("cpt", "sft"):
@@ -118,16 +132,26 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
                                       f"{name}.attn_implementation")
     if "cpt" in stages:
         check_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
-    if "sft" in stages:
-        load_sft_records(data_cfg.sft.path, messages_field=data_cfg.sft.messages_field)
+    sft_records = load_sft_records(data_cfg.sft.path, messages_field=data_cfg.sft.messages_field, where=True) \
+        if "sft" in stages else []
+    check_sft_content(sft_records)
+    qa_items = []  # tokenized below, once the tokenizer is known
     if "eval" in stages:
-        load_qa(data_cfg.qa.path, **qa_fields(data_cfg.qa))
+        qa_items = load_qa(data_cfg.qa.path, **qa_fields(data_cfg.qa))
+        check_qa_content(qa_items, "data.qa.path")
         if data_cfg.general_qa.path:
-            load_qa(data_cfg.general_qa.path, key="data.general_qa.path", **qa_fields(data_cfg.general_qa))
+            check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path",
+                                     **qa_fields(data_cfg.general_qa)), "data.general_qa.path")
+    for part, used in (("cpt_qa", "cpt" in stages and sections["cpt"].qa_mix),
+                       ("dev_qa", "sft" in stages and sections["sft"].early_stopping_patience)):
+        spec = getattr(data_cfg, part).path
+        if used and spec:  # QA pairs trained on or scored against: the same content rules as data.qa
+            check_qa_content(load_qa(spec, key=f"data.{part}.path", **qa_fields(getattr(data_cfg, part))),
+                             f"data.{part}.path")
         if data_cfg.heldout.path:
             check_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
         if ev.judge_path:
-            check_model_dir(ev.judge_path, key="eval.judge_path")
+            inspect_checkpoint(ev.judge_path, "eval.judge_path", model_cfg.trust_remote_code)
         if ev.expected_format:
             try:
                 re.compile(ev.expected_format)
@@ -151,18 +175,25 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     for key in ("cpt_adapter", "cpt_model", "sft_adapter"):
         if cfg.inputs.get(key):
             _require(cfg.inputs.get(key), key, "eval")
+            check_input(cfg.inputs[key], key, key, model_cfg.path)  # its kind, and built on model.path
+    if cfg.inputs.get("sft_adapter") and cfg.inputs.get("cpt_model") and "chat_vector" not in stages:
+        check_pair(cfg.inputs.sft_adapter, cfg.inputs.cpt_model)
     for stage, key in NEEDS.items():
         if stage in stages and PRODUCERS[key] not in stages:
             _require(cfg.inputs.get(key), key, stage)
     check_lever_inputs(sections, stages)  # replay text, QA pairs for CPT, SFT dev set (docs/levers.md)
     if "chat_vector" in stages and not _demo_builds_instruct(model_cfg):
         check_instruct(model_cfg)
+        inspect_checkpoint(model_cfg.instruct_path, "model.instruct_path", model_cfg.trust_remote_code)
     if "sft" in stages or "eval" in stages:
         chat_template_text(model_cfg.chat_template)  # a missing .jinja file is an error, not a template
     if model_cfg.load_in_4bit and ("cpt" in stages or "sft" in stages):
         check_4bit_support(resolve_device(str(cfg.device)))
     if Path(model_cfg.path).exists():
-        config = check_model_dir(model_cfg.path)
+        # safetensors headers, shapes against config.json, model_type, custom code, the tokenizer
+        checkpoint = inspect_checkpoint(model_cfg.path, "model.path", model_cfg.trust_remote_code,
+                                        model_cfg.add_special_tokens)
+        config, meta, tokenizer = checkpoint.config, checkpoint.meta, checkpoint.tokenizer
         positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
             "max_position_embeddings")
         lengths = {"model.max_seq_length": model_cfg.max_seq_length, "sft.max_length": sections["sft"].max_length}
@@ -170,7 +201,6 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if isinstance(positions, int) and v and v > positions:
                 raise PipelineError(f"{k}={v}: longer than the model's {positions} positions "
                                     f"(max_position_embeddings in {model_cfg.path}/config.json)")
-        meta = meta_model(model_cfg.path, model_cfg.trust_remote_code)
         if model_cfg.tied_embeddings is not None and is_tied(meta) != model_cfg.tied_embeddings:
             raise PipelineError(f"model.tied_embeddings={str(model_cfg.tied_embeddings).lower()} but the checkpoint "
                                 f"at model.path={model_cfg.path} has {'tied' if is_tied(meta) else 'untied'} "
@@ -183,17 +213,39 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             if name in stages:
                 resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
         if "cpt" in stages:
-            resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules, key="cpt.target_modules")
-            add_tokens(load_tokenizer(model_cfg.path, model_cfg.trust_remote_code), model_cfg.add_special_tokens,
-                       embedding_rows(meta), f"model.path={model_cfg.path}")
+            check_rank(sections["cpt"].r, resolve_targets(cfg.cpt.target_modules, meta, model_cfg.modules,
+                                                          key="cpt.target_modules"), meta, "cpt.target_modules")
+        add_tokens(tokenizer, model_cfg.add_special_tokens, embedding_rows(meta), f"model.path={model_cfg.path}")
         if "sft" in stages:
-            resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules, key="sft.target_modules")
+            check_rank(sections["sft"].r, resolve_targets(cfg.sft.target_modules, meta, model_cfg.modules,
+                                                          key="sft.target_modules"), meta, "sft.target_modules")
+        if {"sft", "eval", "chat_vector"} & set(stages):  # the chat template parses and renders
+            check_chat_template(tokenizer, model_cfg, f"model.path={model_cfg.path}", full="sft" in stages)
+        check_tokenizable([(q.where, t) for q in qa_items for t in (q.question, q.answer)], tokenizer, "data.qa.path")
+        check_tokenizable([(r["where"], r["messages"][-1]["content"]) for r in sft_records], tokenizer,
+                          "data.sft.path answers")
+        if "sft" in stages:  # every record's prompt leaves room for its answer
+            length_key = "sft.max_length" if sections["sft"].max_length else "model.max_seq_length"
+            check_sft_lengths(sft_records, tokenizer, model_cfg, sections["sft"].max_length
+                              or model_cfg.max_seq_length, length_key)
         if backend == "unsloth":  # config.json may not have said whether the embeddings are tied; the model does
             blockers = unsloth_blockers(model_cfg, stages, cfg.cpt.target_modules, cfg.sft.target_modules,
                                         is_tied(meta))
             if blockers:
                 raise PipelineError(f"backend={cfg.backend} chose unsloth, which cannot run with {blockers[0]}; use "
                                     f"backend=hf")
+    elif model_cfg.build_demo_if_missing:  # built after these checks, but its shapes are known from model.demo now
+        from pipeline.demo_model import demo_meta_model
+
+        meta = demo_meta_model(model_cfg.demo, model_cfg.max_seq_length)
+        positions, length = meta.config.max_position_embeddings, sections["sft"].max_length
+        if length and length > positions:
+            raise PipelineError(f"sft.max_length={length}: longer than the demo model's {positions} positions (it is "
+                                f"built with max(2048, model.max_seq_length))")
+        for name in ("cpt", "sft"):
+            if name in stages:
+                resolve_layers(sections[name].layers, meta, key=f"{name}.layers")
+                resolve_targets(cfg[name].target_modules, meta, model_cfg.modules, key=f"{name}.target_modules")
 
 
 def check_model_path(model_cfg) -> None:
@@ -330,6 +382,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     from pipeline.stages import eval as evaluation
     from pipeline.demo_model import ensure_demo_instruct_model, ensure_demo_model
 
+    check_run(cfg)  # seed, device, backend, stages: typed and in range before anything uses them
     seed, device = int(cfg.seed), str(cfg.device)
     log_examples(bool(cfg.get("log_examples", False)))
     stages = _stage_list(cfg)
@@ -360,6 +413,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     paths: Dict[str, Optional[str]] = {k: cfg.inputs.get(k) for k in ("cpt_adapter", "cpt_model", "sft_adapter")}
     cache = StageCache(cfg.cache.dir, bool(cfg.cache.enabled))
     record: Dict[str, object] = {"backend_used": backend}  # + time/<stage>, stage/<stage> (built|reused), key/<stage>
+    # QA files a lever trains or stops on that ask about scored facts: flagged, not refused (pipeline/core/mixing.py)
+    record.update(leak_metrics(data_cfg, typed(cfg, "cpt"), typed(cfg, "sft"), stages))
 
     def run_stage(name: str, link: str, material: dict, build) -> str:
         """Build (or reuse) one stage's output; the run directory gets it as `link` (a symlink into the cache)."""
@@ -375,6 +430,11 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                 target.symlink_to(out, target_is_directory=True)
             else:
                 out, reused = Path(build(run_dir / link)), False
+        except KeyboardInterrupt as e:  # SIGINT/SIGTERM: run_and_report says what of this stage was kept
+            e.stage, e.output = name, cache.path(name, key) if cache.enabled else run_dir / link
+            e.finished = [s for s in STAGES if f"stage/{s}" in record]
+            e.save_steps = cfg[name].get("save_steps") if name in ("cpt", "sft") else None
+            raise
         except BaseException as e:
             raise stage_failure(name, e) from e
         record.update({f"time/{name}": round(time.time() - t0, 2), f"stage/{name}": "reused" if reused else "built",
@@ -407,6 +467,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
             replay=replay, dev_qa=data_cfg.dev_qa, scored_qa=data_cfg.qa))
     if "eval" in stages:
         ev = typed(cfg, "eval")
+        if cfg.inputs.get("sft_adapter") and "sft" not in stages and paths["cpt_model"]:
+            check_pair(paths["sft_adapter"], paths.get("cv_model") or paths["cpt_model"])  # trained on this model
         models = {"base": (model_cfg.path, None), "cpt": (paths["cpt_model"], None),
                   "sft": (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])}
         models = {k: models[k] for k in eval_models(cfg, stages)}
@@ -461,7 +523,7 @@ def lever_metrics(paths: Dict[str, Optional[str]]) -> Dict:
     for stage, key, fname, names in (
             ("cpt", "cpt_adapter", "cpt_stats.json", ("lora_scale",)),
             ("sft", "sft_adapter", "sft_stats.json", ("lora_scale", "answer_tokens", "replay_tokens", "replay_share",
-                                                      "best_eval_loss", "steps")),
+                                                      "best_eval_loss", "best_checkpoint_step", "steps")),
             ("chat_vector", "cv_model", "chat_vector.json", ("ratio", "tensors_added"))):
         f = Path(paths[key]) / fname if paths.get(key) else None
         if f and f.is_file():
@@ -528,9 +590,11 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
         run_pipeline(cfg, run_dir)
         log.info("run directory: %s", run_dir, extra=CONSOLE)
         return 0
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (pipeline/core/interrupt.py): one line, 130 or 143
+        return interrupted(e, cfg, run_dir, multirun)
     except BaseException as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
-        if isinstance(e, KeyboardInterrupt) or cfg.get("debug") and not multirun:
+        if cfg.get("debug") and not multirun:
             raise
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(f"{type(e).__name__}: {first_line}\n", encoding="utf-8")
@@ -559,10 +623,35 @@ def run_and_report(cfg: DictConfig, run_dir: Path, multirun: bool = False) -> in
                 torch.cuda.empty_cache()
 
 
+def interrupted(error: KeyboardInterrupt, cfg: DictConfig, run_dir: Path, multirun: bool) -> int:
+    """The one line an interruption gets (what was kept, and that the same command resumes), also in error.txt;
+    `debug=true` prints the traceback first. Returns 130 (SIGINT) or 143 (SIGTERM); a sweep stops altogether."""
+    import traceback
+
+    from tqdm import tqdm
+
+    ignore_further()
+    for bar in list(getattr(tqdm, "_instances", ())):  # the training bar: the line goes on a line of its own
+        bar.close()
+    if cfg.get("debug"):
+        traceback.print_exc()
+    line = kept_line(error, getattr(error, "stage", None), getattr(error, "output", None),
+                     getattr(error, "finished", ()), bool(cfg.cache.enabled), getattr(error, "save_steps", None))
+    if multirun:  # the cells that finished can still be tabled
+        line += f"; the sweep stopped here (python -m pipeline.aggregate {run_dir.parent} tables the finished cells)"
+    print(line, file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(f"Interrupted: {line}\n", encoding="utf-8")
+    if multirun:  # the remaining cells must not start: the user (or the scheduler) stopped the sweep
+        raise SystemExit(exit_status(error))
+    return exit_status(error)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
+    with interruptible():  # SIGTERM, like Ctrl-C, ends in run_and_report's one line
+        status = run_and_report(cfg, Path(HydraConfig.get().runtime.output_dir), multirun)
     if status and not multirun:
         sys.exit(status)
 

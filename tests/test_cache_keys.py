@@ -223,29 +223,46 @@ def test_resolved_backend_and_dtype_are_keyed(setup, monkeypatch):
     assert changed(before, keys(with_value(cfg, "model.dtype", "float32"))) == set()
 
 
+def same_size_edit(data: bytes) -> bytes:
+    """The last digit changed (880 -> 881), else the last ASCII letter, else the last byte: the file keeps its name
+    and size, so a fingerprint of names and sizes would not see the change."""
+    for i in range(len(data) - 1, -1, -1):
+        if data[i:i + 1].isdigit():
+            return data[:i] + str((int(data[i:i + 1]) + 1) % 10).encode() + data[i + 1:]
+    for i in range(len(data) - 1, -1, -1):
+        if data[i:i + 1].isalpha():
+            return data[:i] + (b"b" if data[i:i + 1] == b"a" else b"a") + data[i + 1:]
+    return data[:-1] + bytes([(data[-1] + 1) % 256])
+
+
 def test_every_input_file_moves_exactly_its_stages(setup):
+    """Every file of every input (each corpus document, each file of each model directory, the template), edited
+    in place: a model's files and the template without changing their size, a data file in one record's text."""
     cfg, files, models, template = setup
-    before = keys(cfg)
     edits = {f"data.{part}": (files[part], readers) for part, readers in DATA_READERS.items()}
-    edits.update({"model.path files": (models["base"] / "config.json", after("cpt")),
-                  "model.instruct_path files": (models["instruct"] / "config.json", after("chat_vector")),
-                  "eval.judge_path files": (models["judge"] / "config.json", after("eval")),
+    edits.update({"model.path files": (models["base"], after("cpt")),
+                  "model.instruct_path files": (models["instruct"], after("chat_vector")),
+                  "eval.judge_path files": (models["judge"], after("eval")),
                   "model.chat_template file": (template, after("chat_vector"))})
     assert set(DATA_READERS) == {f.name for f in fields(SECTIONS["data"])}, "a new data part: declare its readers"
+    edited = 0
     for what, (path, expected) in edits.items():
-        before = keys(cfg)  # a model is identified by its files' sizes and times: a restored file is a new file
-        target = sorted(path.iterdir())[0] if path.is_dir() else path
-        original = target.read_bytes()
-        if what.startswith("data."):  # data is keyed by its records: change one (the first string closing an object)
-            target.write_bytes(original.replace(b'"}', b'x"}', 1) if target.suffix == ".jsonl" else original + b"x")
-        else:  # a model by its files' sizes and times, a template by its text
-            target.write_bytes(original.replace(b"}", b" }", 1) if target.suffix in (".json", ".jsonl")
-                               else original + b"\n")
-        try:
-            got = changed(before, keys(cfg))
-        finally:
-            target.write_bytes(original)
-        assert got == expected, f"editing {what} ({target.name}) changed {sorted(got)}, expected {sorted(expected)}"
+        for target in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
+            before = keys(cfg)  # a model is identified by its files' sizes and times: a restored file is a new file
+            original = target.read_bytes()
+            if what.startswith("data."):  # data is keyed by its records: one record's text changes, still valid
+                target.write_bytes(original.replace(b'"}', b'x"}', 1) if target.suffix == ".jsonl"
+                                   else original + b"x")
+            else:
+                target.write_bytes(same_size_edit(original))
+                assert target.stat().st_size == len(original)
+            try:
+                got = changed(before, keys(cfg))
+            finally:
+                target.write_bytes(original)
+            assert got == expected, f"editing {what} ({target.name}) changed {sorted(got)}, expected {sorted(expected)}"
+            edited += 1
+    assert edited >= len(edits) + 2 * 3  # each model directory has its weights, config and tokenizer files
     # a new document in the corpus is new data too
     before = keys(cfg)
     (files["cpt"] / "doc9.md").write_text("追加の文書。", encoding="utf-8")

@@ -78,18 +78,24 @@ sys.addaudithook(_no_network)
 """
 
 
-def test_importing_pipeline_makes_the_process_offline():
-    """Every entry point imports `pipeline` first; that alone must switch the Hugging Face libraries offline, even
-    from a shell that says otherwise."""
-    from pipeline import _OFFLINE
+# Written out, not read from pipeline._OFFLINE: dropping a switch from the package's own table must fail here.
+OFFLINE_SWITCHES = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "UNSLOTH_DISABLE_STATISTICS": "1",
+                    "WANDB_DISABLED": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
-    code = ("import json, os\nimport pipeline\nimport huggingface_hub.constants as hub\n"
-            "print(json.dumps({'env': {k: os.environ.get(k) for k in pipeline._OFFLINE}, 'hub': hub.HF_HUB_OFFLINE}))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=user_env(HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0"))
+
+def test_importing_pipeline_makes_the_process_offline():
+    """Every entry point imports `pipeline` first; that alone must switch the Hugging Face libraries (hub,
+    transformers, datasets) offline and the trackers' telemetry off, even from a shell that says otherwise."""
+    code = ("import json, os, sys\nimport pipeline\nimport huggingface_hub.constants as hub\n"
+            "print(json.dumps({'env': {k: os.environ.get(k) for k in json.loads(sys.argv[1])}, "
+            "'hub': hub.HF_HUB_OFFLINE}))")
+    shell = {k: "0" if v == "1" else "false" for k, v in OFFLINE_SWITCHES.items()}  # a shell that says otherwise
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(list(OFFLINE_SWITCHES))], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=user_env(**shell))
     assert r.returncode == 0, r.stderr[-2000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
-    assert seen == {"env": _OFFLINE, "hub": True}
+    assert seen == {"env": OFFLINE_SWITCHES, "hub": True}
 
 
 def test_every_stage_opens_no_network_connection(tiny_model, data_files, tmp_path):

@@ -86,11 +86,14 @@ def test_every_format_and_shape_reads_to_the_same_records(tmp_path):
                "output": "これはペンです。"}]
     assert load_sft_records(str(to_csv(alpaca, tmp_path / "alpaca.csv"))) == [chats[2]]
 
-    expected = load_qa(str(write_jsonl(tmp_path / "qa.jsonl", QA)))
-    assert expected[0].aliases == ["880t"]
+    def scored(items):  # what is scored, not where it was read
+        return [(q.id, q.question, q.answer, q.aliases, q.group) for q in items]
+
+    expected = scored(load_qa(str(write_jsonl(tmp_path / "qa.jsonl", QA))))
+    assert expected[0][3] == ["880t"]
     for f in (to_csv(QA, tmp_path / "qa.csv"), to_parquet(QA, tmp_path / "qa.parquet"),
               to_json_array(QA, tmp_path / "qa.json")):
-        assert load_qa(str(f)) == expected, f.name
+        assert scored(load_qa(str(f))) == expected, f.name
     # numbers stay strings in CSV: an answer "880" and an id "007" are not 880 and 7
     got = load_qa(str(to_csv([{"id": "007", "question": "何トン?", "answer": "880"}], tmp_path / "n.csv")))
     assert (got[0].id, got[0].answer) == ("007", "880")

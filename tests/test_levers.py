@@ -15,6 +15,7 @@ from conftest import CORPUS, make_tiny_model, tiny_overrides, write_jsonl
 from pipeline.core.backend import add_lora
 from pipeline.core.outputs import PipelineError
 from pipeline.core.config import ChatVectorConfig, CptConfig, DataPath, ModelConfig, SftConfig
+from pipeline.core.data import load_qa
 from pipeline.core.mixing import load_disjoint_qa, mix_qa_into_corpus, replay_records, replay_token_target, text_chunks
 from pipeline.core.modules import lora_scale, resolve_layers, resolve_targets
 
@@ -40,7 +41,8 @@ def lora_model(path, stage_cfg, layers=None):
 # --- layers ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, expected", [
-    (None, None), ([2, 0], [0, 2]), (3, [3]), ("1-2", [1, 2]), ("upper_half", [2, 3]), ("lower_half", [0, 1])])
+    (None, None), ([2, 0], [0, 2]), (3, [3]), ("1-2", [1, 2]), ("upper_half", [2, 3]), ("lower_half", [0, 1]),
+    ("upper_1", [3]), ("upper_3", [1, 2, 3]), ("upper_4", [0, 1, 2, 3])])
 def test_layer_settings(spec, expected):
     layers, pattern = resolve_layers(spec, meta_llama(4), key="sft.layers")
     assert layers == expected and pattern == (None if expected is None else "layers")
@@ -54,7 +56,8 @@ def test_odd_layer_counts_split_with_the_extra_layer_below():
 @pytest.mark.parametrize("spec, message", [
     ([4], r"sft\.layers: layer index 4 is out of range; this model has num_hidden_layers=4 \(indices 0-3\)"),
     ("3-1", r"sft\.layers='3-1': the range's start is above its end"),
-    ("top", r"sft\.layers='top': use null"), ([], r"sft\.layers: no layer selected"),
+    ("top", r"sft\.layers='top': use null"), ("upper_5", r"sft\.layers='upper_5': .* use upper_1 to upper_4"),
+    ("upper_0", r"sft\.layers='upper_0': .* use upper_1 to upper_4"), ([], r"sft\.layers: no layer selected"),
     (["a"], r"sft\.layers=\['a'\]: use null")])
 def test_bad_layer_settings_name_the_key(spec, message):
     with pytest.raises(PipelineError, match=message):
@@ -295,6 +298,30 @@ def test_the_demo_pairs_are_disjoint_from_the_demo_qa_set():
     assert len(items) == 63  # one per FAQ fact
 
 
+def test_a_reworded_question_about_a_scored_fact_is_found():
+    """Same answer under the scorer's normalisation (八百八十トン = 880トン です) and a similar question: one fact, whatever
+    the wording; the same answer to another question, or another answer to the same question, is not."""
+    from pipeline.core.data import QAItem
+    from pipeline.core.mixing import shared_facts
+
+    scored = [QAItem("q1", "P-101の定格能力は何トンですか？", "880トン"), QAItem("q2", "天野雅史の役職は何ですか？", "主任")]
+    items = [QAItem("a", "P-101は最大何トンまで加圧できますか？", "八百八十トンです。"),  # q1 reworded
+             QAItem("b", "日本で一番高い山は？", "880トン"),                      # q1's answer, another question
+             QAItem("c", "P-101の定格能力は？", "770トン"),                       # q1's question, another answer
+             QAItem("d", "天野雅史の役職は？", "課長", aliases=["主任"])]           # q2's answer as an alias
+    assert [(q.id, s.id) for q, s, _ in shared_facts(items, scored)] == [("a", "q1"), ("d", "q2")]
+
+
+def test_the_demo_files_as_the_leak_check_reads_them():
+    """The qa_mix pairs ask about all 63 faq facts (PIT practises on them: flagged); the early_stop dev set, none."""
+    from pipeline.core.mixing import shared_facts
+
+    root = Path(__file__).resolve().parents[1]
+    scored = load_qa(str(root / "eval_sets/qa.jsonl"))
+    assert len(shared_facts(load_qa(str(root / "data/cpt_qa/faq_short_questions.jsonl")), scored)) == 63
+    assert shared_facts(load_qa(str(root / "data/sft/dev_qa.jsonl")), scored) == []
+
+
 def test_qa_mix_adds_a_seeded_share_of_the_pairs(pairs, data_files):
     mixed = mix_qa_into_corpus(CORPUS, 0.5, TEMPLATE, str(pairs), str(data_files["qa"]), seed=0)
     assert mixed[:4] == CORPUS and len(mixed) == 4 + 5
@@ -475,7 +502,8 @@ def test_each_lever_runs_end_to_end(lever, tiny_model, tiny_instruct, data_files
     if lever == "replay":  # 10% of the tiny set's few answer tokens is a token or two: too little for a record
         assert metrics["sft/replay_share"] < 0.2 and metrics["sft/answer_tokens"] > 0
     if lever == "early_stop":
-        assert metrics["sft/best_eval_loss"] > 0
+        assert metrics["sft/best_eval_loss"] > 0 and 0 < metrics["sft/best_checkpoint_step"] <= metrics["sft/steps"]
+        assert metrics["leak/dev_qa_shared_facts"] == 0  # the demo's dev set asks nothing of the tiny QA set
 
 
 def test_sft_trains_on_the_chat_vector_model_when_both_run(tiny_model, tiny_instruct, data_files, tmp_path):
@@ -489,6 +517,9 @@ def test_sft_trains_on_the_chat_vector_model_when_both_run(tiny_model, tiny_inst
     adapter = json.loads((tmp_path / "sft_adapter" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).resolve() == (tmp_path / "cv_model").resolve()
     assert metrics["stage/sft"] in ("built", "reused") and "sft/contains" in metrics
+    cv, sft = (json.loads((tmp_path / d / "lineage.json").read_text()) for d in ("cv_model", "sft_adapter"))
+    assert cv["kind"] == "chat_vector_model" and cv["parent"]["kind"] == "cpt_model"
+    assert sft["parent"] == {"kind": "chat_vector_model", "id": cv["id"]}
 
 
 def test_demo_instruct_sibling_is_its_base_trained_on_chat(tiny_model, data_files, tmp_path):

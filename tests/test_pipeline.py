@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model, tiny_overrides
+from pipeline.core.checkpoints import model_identity
 from pipeline.core.outputs import PipelineError, is_complete
 from pipeline.run import run_pipeline
 
@@ -51,6 +52,15 @@ def test_all_stages(tiny_model, data_files, tmp_path):
     assert check["max_abs_logit_diff"] <= 1e-4 and check["reload_max_abs_logit_diff"] <= 1e-5
     cpt_stats = json.loads((tmp_path / "cpt_adapter" / "cpt_stats.json").read_text())
     assert cpt_stats["modules_to_save"] == ["embed_tokens", "lm_head"]  # the default attn_mlp_embed
+
+    # each output records what it is, its base and the output it was made from (pipeline/core/lineage.py)
+    lineage = {d: json.loads((tmp_path / d / "lineage.json").read_text())
+               for d in ("cpt_adapter", "cpt_model", "sft_adapter")}
+    assert [r["kind"] for r in lineage.values()] == ["cpt_adapter", "cpt_model", "sft_adapter"]
+    assert {r["base"]["identity"] for r in lineage.values()} == {model_identity(tiny_model)}
+    assert lineage["cpt_adapter"]["parent"] is None
+    assert lineage["cpt_model"]["parent"] == {"kind": "cpt_adapter", "id": lineage["cpt_adapter"]["id"]}
+    assert lineage["sft_adapter"]["parent"] == {"kind": "cpt_model", "id": lineage["cpt_model"]["id"]}
 
 
 # Each question's transition from whether the base, CPT and SFT answers contain the gold answer (README,

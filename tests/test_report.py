@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from pipeline.aggregate import aggregate, read_jobs, results_table
+from pipeline.aggregate import aggregate
+from pipeline.sweep.tables import read_jobs, results_table
 from pipeline.stages.eval import transition
 from pipeline.sweep.report import write_report
 from test_aggregate import fake_job

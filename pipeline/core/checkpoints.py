@@ -3,11 +3,13 @@ directory must hold (read as JSON before anything loads), and loading a tokenize
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -51,7 +53,6 @@ def resolve_model_path(spec: str, key: str = "model.path") -> str:
         raise PipelineError(f"{key}={spec}: no such directory, and {what} is not in the local Hugging Face cache "
                             f"(searched {where}); nothing is downloaded: copy the model there or give its "
                             f"directory") from None
-
 
 def check_model_dir(path: str | os.PathLike, key: str = "model.path") -> dict:
     """A local causal-LM checkpoint with safetensors weights; returns its config.json. Read as JSON, without loading
@@ -146,3 +147,143 @@ def declared_tied(path) -> "bool | None":
         if isinstance(section.get("tie_word_embeddings"), bool):
             return section["tie_word_embeddings"]
     return None
+
+
+# --- a checkpoint read as far as it can be without loading its weights (run.validate) ----------------------------
+
+# Bytes per element of each safetensors dtype, to check that a tensor's byte range holds its shape.
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def safetensors_header(file: Path, key: str) -> dict:
+    """The tensor table of a .safetensors file ({name: {dtype, shape, data_offsets}}), checked against the file's size.
+
+    The format is an 8-byte little-endian header length, a JSON header, then the tensor data; the last tensor's end
+    offset is the data's size, so a file cut short by an interrupted copy is one whose size is below 8 + header +
+    data. Only the header is read, however large the file."""
+    size = file.stat().st_size
+    where = f"{key}: {file.name}"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise PipelineError(f"{where} is truncated or not a safetensors file ({size} bytes, no complete header); "
+                                f"copy the checkpoint again")
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PipelineError(f"{where}: unreadable safetensors header ({e}); copy the checkpoint again") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, t in header.items():
+        try:
+            start, stop = t["data_offsets"]
+            count = 1
+            for d in t["shape"]:
+                count *= d
+            if stop - start != count * _DTYPE_BYTES.get(t["dtype"], (stop - start) // max(count, 1)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise PipelineError(f"{where}: the header's entry for tensor {name} is malformed") from None
+        end = max(end, stop)
+    if size != 8 + n + end:
+        raise PipelineError(f"{where} is {size} bytes but its header describes {8 + n + end}: the file is "
+                            f"{'truncated (an interrupted copy?)' if size < 8 + n + end else 'padded or corrupt'}; "
+                            f"copy the checkpoint again")
+    return header
+
+
+def weight_headers(path, key: str = "model.path") -> Dict[str, dict]:
+    """Every weight file's checked header, by file name; the shards an index names must all be there."""
+    p = Path(path)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise PipelineError(f"{key}={path}: model.safetensors.index.json is not a weight index") from None
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise PipelineError(f"{key}={path}: shard(s) {', '.join(missing[:3])} named in "
+                                f"model.safetensors.index.json are missing; copy the checkpoint again")
+    return {f.name: safetensors_header(f, f"{key}={path}") for f in sorted(p.glob("*.safetensors"))}
+
+
+def model_identity(path) -> str:
+    """Which weights a checkpoint holds, read in milliseconds: a hash of its tensor tables and of the first and last
+    64 KiB of each weight file's data. A copy of a model elsewhere has the same identity; another model (another base,
+    a retrained one, another dtype) has another. Stage outputs record their base's (lineage.json)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(n))
+            h.update(fh.read(1 << 16))
+            fh.seek(max(8 + n, size - (1 << 16)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    """What inspect_checkpoint learnt: config.json, the model without weights (meta device) and its tokenizer."""
+
+    config: dict
+    meta: object
+    tokenizer: object
+
+
+def inspect_checkpoint(path, key: str = "model.path", trust_remote_code: bool = False,
+                       add_special_tokens: List[str] = ()) -> Checkpoint:
+    """Everything about a checkpoint that can fail later, checked without loading its weights: config.json
+    (check_model_dir), custom code and model_type, the weight files' headers against their sizes, the tensors'
+    shapes against config.json, and the tokenizer (loads; its ids fit the embedding rows, except the tokens
+    model.add_special_tokens adds rows for)."""
+    config = check_model_dir(path, key)
+    if config.get("auto_map") and not trust_remote_code:
+        raise PipelineError(f"{key}={path}: config.json's auto_map asks to run code shipped with the checkpoint; "
+                            f"set model.trust_remote_code=true only if you trust that code")
+    from transformers import CONFIG_MAPPING
+
+    if not config.get("auto_map") and config["model_type"] not in CONFIG_MAPPING:
+        import transformers
+
+        raise PipelineError(f"{key}={path}: model_type '{config['model_type']}' is unknown to the installed "
+                            f"transformers {transformers.__version__}; upgrade transformers or check config.json")
+    headers = weight_headers(path, key)
+    from pipeline.core.modules import meta_model
+
+    try:
+        meta = meta_model(str(path), trust_remote_code)
+    except PipelineError:
+        raise
+    except Exception as e:  # a config.json transformers cannot build a model from
+        raise PipelineError(f"{key}={path}: config.json does not describe a model transformers can build "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+    if "quantization_config" not in config:  # packed 4-bit tensors have other shapes than the model's parameters
+        expected = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+        for file, header in headers.items():
+            for name, t in header.items():
+                if name in expected and tuple(t["shape"]) != expected[name]:
+                    raise PipelineError(f"{key}={path}: tensor {name} in {file} has shape {tuple(t['shape'])} but "
+                                        f"config.json describes {expected[name]}; config.json is not this "
+                                        f"checkpoint's (vocab_size, hidden_size, ...)")
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+    except PipelineError as e:  # "<path>: the tokenizer has no eos_token ..."
+        raise PipelineError(f"{key}={e}") from None
+    except Exception as e:  # missing or corrupt tokenizer files end in many different exceptions
+        raise PipelineError(f"{key}={path}: the tokenizer does not load from its files (tokenizer.json, "
+                            f"tokenizer_config.json, ...): {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no message'}") from None
+    rows = meta.get_input_embeddings().weight.shape[0]
+    extra = set(tokenizer.convert_tokens_to_ids(list(add_special_tokens))) if add_special_tokens else set()
+    beyond = [i for i in range(rows, len(tokenizer)) if i not in extra]
+    if beyond:
+        names = tokenizer.convert_ids_to_tokens(beyond[:5])
+        raise PipelineError(f"{key}={path}: the tokenizer has {len(tokenizer)} tokens but the model has only {rows} "
+                            f"embedding rows; token(s) {names}{' ...' if len(beyond) > 5 else ''} have no embedding. "
+                            f"List them in model.add_special_tokens or use the model's own tokenizer")
+    return Checkpoint(config, meta, tokenizer)

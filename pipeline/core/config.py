@@ -6,6 +6,8 @@ stable. Hydra composes YAML; `typed()` checks a composed section against its dat
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -16,12 +18,15 @@ from pipeline.core.outputs import PipelineError
 
 
 def key(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-        lt: Optional[float] = None, choices: Optional[tuple] = None, doc: str = "", runtime: bool = False):
+        lt: Optional[float] = None, choices: Optional[tuple] = None, pattern: Optional[str] = None, doc: str = "",
+        runtime: bool = False):
     """A config field with its allowed range declared next to it (`check_ranges` enforces it before any model
-    loads). Bounds apply to numbers (None passes: "not set"), `choices` to strings. `runtime=True` marks a key that
+    loads). Bounds apply to numbers (None passes: "not set"), `choices` and `pattern` (a regex the whole value must
+    match) to strings. Every float must also be finite: inf and nan are refused. `runtime=True` marks a key that
     changes only how a stage runs or reports (logging, batch size of scoring, check tolerances), never what it
     produces: it stays out of the stage's cache key (`cache_settings`)."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern).items()
+            if v is not None}
     meta.update(doc=doc, runtime=runtime)
     return field(default=default, metadata=meta)
 
@@ -34,20 +39,27 @@ def cache_settings(section: Any) -> Dict[str, Any]:
 
 
 def check_ranges(obj: Any, prefix: str) -> None:
-    """Raise a PipelineError naming the first key of dataclass `obj` (and nested ones) outside its declared range."""
+    """Raise a PipelineError naming the first key of dataclass `obj` (and nested ones) outside its declared range.
+    `prefix` "" names top-level keys bare (`seed`)."""
     tests = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<="),
              ("lt", lambda v, b: v < b, "<"))
     for f in fields(obj):
-        value, name, m = getattr(obj, f.name), f"{prefix}.{f.name}", f.metadata
+        value, name, m = getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name, f.metadata
         if is_dataclass(value):
             check_ranges(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            # inf passes an upper-bound-free range and then overflows inside the trainer (num_epochs=inf)
+            raise PipelineError(f"{name}={value}: must be a finite number")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             for bound, ok, word in tests:  # NaN fails every comparison, so it is refused too
                 if bound in m and not ok(value, m[bound]):
                     why = f" ({m['doc']})" if m.get("doc") else ""
-                    raise PipelineError(f"{name}={value}: must be {word} {m[bound]:g}{why}")
+                    limit = m[bound] if isinstance(m[bound], int) else f"{m[bound]:g}"
+                    raise PipelineError(f"{name}={value}: must be {word} {limit}{why}")
         elif isinstance(value, str) and "choices" in m and value not in m["choices"]:
             raise PipelineError(f"{name}={value!r}: use one of {', '.join(map(str, m['choices']))}")
+        elif isinstance(value, str) and "pattern" in m and not re.fullmatch(m["pattern"], value):
+            raise PipelineError(f"{name}={value!r}: use {m['doc'] or m['pattern']}")
 
 
 # The only model.path that may be missing: the demo builds its model there on first use (model=demo).
@@ -266,6 +278,30 @@ class TrackingConfig:
     # A local store, no server: a relative sqlite path is taken from where the command runs (like every path here).
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str = "keep-knowledge"  # the MLflow experiment every run and sweep is filed under
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys of conf/config.yaml, declared like the sections' keys and checked first (`check_run`):
+    `seed=abc` or `device=tpu` would otherwise end in a traceback before validation starts."""
+
+    seed: int = key(42, ge=0, le=2**32 - 1, doc="numpy and torch take seeds from 0 to 2**32-1")
+    device: str = key("auto", pattern=r"auto|cpu|cuda(:[0-9]+)?", doc="auto, cpu, cuda or cuda:N")
+    backend: str = key("auto", choices=("auto", "hf", "unsloth"))
+    stages: List[str] = field(default_factory=lambda: ["cpt", "merge", "sft", "eval"])
+    debug: bool = False
+    log_examples: bool = False
+
+
+def check_run(cfg: DictConfig) -> RunConfig:
+    """The top-level keys as RunConfig, types and ranges checked; a PipelineError names the bad key."""
+    node = OmegaConf.create({f.name: cfg[f.name] for f in fields(RunConfig) if f.name in cfg})
+    try:
+        run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), node))
+    except OmegaConfBaseException as e:
+        raise PipelineError(f"config key {getattr(e, 'full_key', None) or '?'}: {str(e).splitlines()[0]}") from None
+    check_ranges(run, "")
+    return run
 
 
 SECTIONS = {

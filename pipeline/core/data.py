@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
+from pipeline.core.content import check_documents, unencodable
 from pipeline.core.outputs import PipelineError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -241,6 +242,8 @@ def iter_document_batches(spec: str | None, text_field: str = "text", key: str =
                     what = "" if text is None else f", a {type(text).__name__}"
                     raise PipelineError(f"{table.where(start + j)}: missing string field '{text_field}' "
                                         f"({hint}{what})")
+                if unencodable(text):  # JSON can hold a lone surrogate
+                    check_documents([{"where": table.where(start + j), "text": text}])
             yield [t.strip() for t in values if t.strip()]
 
 
@@ -313,13 +316,16 @@ def _message_list(obj: dict, where: str, messages_field: str = "messages") -> Li
                         f"'instruction'+'output' fields, got {sorted(obj)}")
 
 
-def load_sft_records(spec: str | None, key: str = "data.sft.path", messages_field: str = "messages"
-                     ) -> List[List[dict]]:
+def load_sft_records(spec: str | None, key: str = "data.sft.path", messages_field: str = "messages",
+                     where: bool = False) -> List:
+    """Each record as chat messages; `where=True`: as {"where": "file:line", "messages": [...]} (for the content
+    checks of pipeline/core/content.py)."""
     records = []
     for f in resolve_files(spec, key, RECORD_SUFFIXES):
         table = open_table(f)
         for i, obj in table:
-            records.append(_message_list(obj, table.where(i), messages_field))
+            messages = _message_list(obj, table.where(i), messages_field)
+            records.append({"where": table.where(i), "messages": messages} if where else messages)
     if not records:
         raise PipelineError(f"{key}={spec}: no SFT records")
     return records
@@ -334,6 +340,7 @@ class QAItem:
     answer: str
     aliases: List[str] = field(default_factory=list)
     group: Optional[str] = None  # optional label; metrics are also reported per group (e.g. cpt/contains@faq)
+    where: str = ""  # file:line, for the content checks' messages
 
 
 def _csv_aliases(value: Any) -> Any:
@@ -377,7 +384,7 @@ def load_qa(spec: str | None, key: str = "data.qa.path", question_field: str = "
                 raise PipelineError(f"{where}: duplicate id {qid!r} (first at {seen[qid]})")
             seen[qid] = where
             items.append(QAItem(qid, obj[question_field].strip(), obj[answer_field].strip(),
-                                [a.strip() for a in aliases], group))
+                                [a.strip() for a in aliases], group, where))
     if not items:
         raise PipelineError(f"{key}={spec}: no QA records")
     return items
@@ -444,8 +451,8 @@ def fingerprint_sft(spec: str, key: str = "data.sft.path", messages_field: str =
 
 
 def fingerprint_qa(spec: str, key: str = "data.qa.path", **fields) -> str:
-    """Hash of the QA records as scored (ids included: answers.jsonl names them)."""
-    return _fingerprint(asdict(q) for q in load_qa(spec, key, **fields))
+    """Hash of the QA records as scored (ids included: answers.jsonl names them; where they were read, not)."""
+    return _fingerprint({k: v for k, v in asdict(q).items() if k != "where"} for q in load_qa(spec, key, **fields))
 
 
 def qa_fields(part) -> dict:

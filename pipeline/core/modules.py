@@ -12,6 +12,7 @@ a list of indices [8, 9, 10, 11], a range "12-23" (inclusive), or "upper_half" /
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.core.outputs import PipelineError
+
+log = logging.getLogger(__name__)
 
 _LLAMA_STYLE = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -129,6 +132,28 @@ def resolve_targets(spec: Any, model: nn.Module, override: Optional[Dict[str, An
     return Targets(lora=lora, modules_to_save=save, tied=tied, ensure_weight_tying=tied and bool(save))
 
 
+def check_rank(r: int, targets: Targets, model: nn.Module, key: str) -> None:
+    """A LoRA rank above min(in, out) of a target adds parameters and time but no capacity there: B @ A cannot have a
+    higher rank than the layer. Above every LoRA target's (`cpt.r=100000` on a small model, minutes per step for
+    nothing) it is refused; above only some (e.g. a GQA model's narrow k/v projections, while q/o/MLP use the full
+    rank) it is a warning, as the adapter is still what the user asked for everywhere else."""
+    sizes = {}
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets.lora and hasattr(m, "in_features") and hasattr(m, "out_features"):
+            sizes[leaf] = max(sizes.get(leaf, 0), min(m.in_features, m.out_features))
+    if not sizes:
+        return
+    narrow = sorted(n for n, size in sizes.items() if r > size)
+    if len(narrow) == len(sizes):
+        raise PipelineError(f"{key.rsplit('.', 1)[0]}.r={r}: larger than every LoRA target can use (min(in, out) "
+                            f"is at most {max(sizes.values())}: {', '.join(f'{n} {sizes[n]}' for n in sorted(sizes))}); "
+                            f"a rank above that adds parameters and time, never capacity")
+    if narrow:
+        log.warning("%s.r=%d is above min(in, out) of %s: there it adds parameters but no capacity",
+                    key.rsplit(".", 1)[0], r, ", ".join(f"{n} ({sizes[n]})" for n in narrow))
+
+
 def decoder_layers(model: nn.Module) -> tuple:
     """(name of the ModuleList holding the decoder layers, their number), e.g. ("layers", 32) for Llama.
 
@@ -148,7 +173,8 @@ def decoder_layers(model: nn.Module) -> tuple:
 def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
     """`layers` setting → (sorted layer indices or None for all, the ModuleList name PEFT matches them in).
 
-    null: all layers. A list of indices; a range string "a-b" (inclusive); "upper_half" (the last n//2 layers: in
+    null: all layers. A list of indices; a range string "a-b" (inclusive); "upper_<k>" (the last k layers);
+    "upper_half" (the last n//2 layers: in
     "Spurious Forgetting" (arXiv 2501.13453) the drop after training on a new task came from updates to the bottom
     layers, and freezing them kept the earlier task; adapting only the upper layers leaves the lower ones as CPT left
     them) or "lower_half" (the first n - n//2). Indices are checked against the model's num_hidden_layers.
@@ -162,6 +188,11 @@ def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
             layers = list(range(n - n // 2, n))
         elif text == "lower_half":
             layers = list(range(0, n - n // 2))
+        elif text.startswith("upper_") and text[6:].isdigit():  # the last k layers: a search dimension's strength
+            k = int(text[6:])
+            if not 1 <= k <= n:
+                raise PipelineError(f"{key}={spec!r}: this model has num_hidden_layers={n}; use upper_1 to upper_{n}")
+            layers = list(range(n - k, n))
         elif "-" in text and all(part.strip().isdigit() for part in text.split("-", 1)):
             lo, hi = (int(part) for part in text.split("-", 1))
             if lo > hi:
@@ -169,7 +200,7 @@ def resolve_layers(spec: Any, model: nn.Module, key: str = "layers") -> tuple:
             layers = list(range(lo, hi + 1))
         else:
             raise PipelineError(f"{key}={spec!r}: use null (all layers), a list of indices, a range like \"12-23\", "
-                                f"upper_half or lower_half")
+                                f"upper_<k> (the last k layers), upper_half or lower_half")
     elif isinstance(spec, int) and not isinstance(spec, bool):
         layers = [spec]
     elif isinstance(spec, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in spec):

@@ -105,3 +105,98 @@ def use_recorded_prompt_format(tokenizer, adapter_dir: str | Path, model_cfg) ->
         raise PipelineError(f"{path}: chat_template must be a string or null and prompt_template a string")
     tokenizer.chat_template = chat_template
     return prompt_template
+
+
+# --- templates checked before any model loads (run.validate) -----------------------------------------------------
+
+# Each format-string key: the fields it is formatted with, and those it must contain. A prompt_template without
+# {prompt} would train SFT on prompts that never contain the question; a completion_prompt without {question} would
+# ask every question the same thing.
+FORMAT_FIELDS = {
+    "model.prompt_template": ({"prompt"}, {"prompt"}),
+    "eval.completion_prompt": ({"question"}, {"question"}),
+    "cpt.qa_template": ({"question", "answer"}, {"question", "answer"}),
+    "eval.judge_prompt": ({"question", "gold", "answer"}, {"gold", "answer"}),
+}
+
+
+def check_format(template: str, key: str) -> None:
+    """A format-string key must use only its fields (literal braces doubled: {{ }}) and contain the required ones."""
+    import string
+
+    allowed, required = FORMAT_FIELDS[key]
+    fields_used = set()
+    try:
+        for _, name, spec, conv in string.Formatter().parse(template):
+            if name is None:
+                continue
+            base = name.split(".")[0].split("[")[0]
+            if base not in allowed:
+                raise PipelineError(f"{key}={template!r}: unknown field {{{name}}}; it may use "
+                                    f"{', '.join('{%s}' % f for f in sorted(allowed))} (write a literal brace as "
+                                    f"{{{{ or }}}})")
+            fields_used.add(base)
+        template.format(**{f: "x" for f in allowed})  # conversions and format specs (e.g. {prompt!z}, {prompt:d})
+    except PipelineError:
+        raise
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise PipelineError(f"{key}={template!r}: not a valid format string ({e}); write a literal brace as {{{{ "
+                            f"or }}}}") from None
+    missing = sorted(required - fields_used)
+    if missing:
+        what = {"prompt": "the question", "question": "the question", "answer": "the answer", "gold": "the gold answer"}
+        raise PipelineError(f"{key}={template!r}: has no {', '.join('{%s}' % f for f in missing)}, so "
+                            f"{' and '.join(what[f] for f in missing)} would never reach the model")
+
+
+SAMPLE_CONVERSATION = [{"role": "user", "content": "質問の例です。"}, {"role": "assistant", "content": "回答の例です。"}]
+
+
+def check_chat_template(tokenizer, model_cfg, where: str, full: bool = True) -> None:
+    """The chat template SFT and eval will use (model.chat_template, else the tokenizer's) parses as Jinja and renders
+    a sample conversation: its prompt, as eval asks it, and (`full`, for SFT) the whole conversation too."""
+    apply_chat_template_override(tokenizer, model_cfg)
+    if not tokenizer.chat_template:
+        return
+    source = "model.chat_template" if model_cfg.chat_template else f"the chat template of {where}"
+    try:
+        if full:
+            to_prompt_completion(SAMPLE_CONVERSATION, tokenizer, model_cfg.prompt_template)
+        else:
+            render_prompt(SAMPLE_CONVERSATION[:1], tokenizer, model_cfg.prompt_template)
+    except PipelineError:
+        raise
+    except Exception as e:  # jinja2's TemplateSyntaxError, UndefinedError, raise_exception(...) of the template
+        line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise PipelineError(f"{source}: does not render a sample user/assistant conversation "
+                            f"({type(e).__name__}{line}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})"
+                            ) from None
+
+
+def check_sft_lengths(records: List[dict], tokenizer, model_cfg, max_length: int, key: str) -> None:
+    """Every SFT record, rendered as SFT renders it, must leave room in `max_length` tokens for at least one answer
+    token: a longer prompt trains nothing (TRL drops the record silently). `records`: [{"where", "messages"}]. A
+    record whose answer is only cut short still teaches its beginning: that is logged, not refused."""
+    lost, cut, longest = [], 0, (0, "")
+    for r in records:
+        try:
+            row = to_prompt_completion(r["messages"], tokenizer, model_cfg.prompt_template)
+            prompt = len(tokenizer(row["prompt"])["input_ids"])
+            full = len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + EOS
+        except PipelineError:
+            raise
+        except Exception as e:  # a template failing on this record's roles, text the tokenizer cannot encode
+            raise PipelineError(f"{r['where']}: cannot be rendered and tokenized for SFT ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+        longest = max(longest, (prompt, r["where"]))
+        if prompt >= max_length:
+            lost.append(r["where"])
+        elif full > max_length:
+            cut += 1
+    if lost:
+        raise PipelineError(f"{key}={max_length}: {len(lost)} of {len(records)} SFT records would lose their whole "
+                            f"answer (prompt of {max_length} tokens or more; the longest, {longest[0]} tokens, at "
+                            f"{longest[1]}); raise {key} or shorten those prompts")
+    if cut:
+        log.warning("SFT data: %d of %d answers are cut short at %s=%d (their beginnings are trained)", cut,
+                    len(records), key, max_length)

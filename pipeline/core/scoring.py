@@ -1,42 +1,59 @@
 """String metrics for QA answers, Japanese-aware and number-aware.
 
 Factory QA answers are mostly quantities, so a number is compared as a number: `5分` is not inside `15分` or `1.5分`,
-`0.5mm` is not `5mm`, `-5度` is not `5度`, while `1,200` = `1200`, `5.0` = `5`, `三号機` = `3号機` and
-`マイナス5度` = `−5度`. Normalisation, in order (why each step):
+`0.5mm` is not `5mm`, `-5度` is not `5度`, while `1,200` = `1200`, `5.0` = `5`, `三号機` = `3号機`, `2千個` = `2000個`,
+`1万3000回転` = `13000回転` and `マイナス5度` = `−5度`. Normalisation, in order (why each step):
 
 1. NFKC + casefold: full-width digits/letters/signs become half width and half-width katakana full width
-   (`８８０トン` → `880トン`, `－５` → `-5`), `880T` equals `880t`, `℃` becomes `°c`, `⁻`/`₋` become `−`.
-2. Kanji numerals become Arabic where they are numbers (`八百八十トン` → `880トン`, `二〇二四年` → `2024年`):
-   - a run of two or more numeral characters (`三十分` → `30分`);
+   (`８８０トン` → `880トン`, `－５` → `-5`), `880T` equals `880t`, `℃` becomes `°c`, `㎏` `kg`, `⁻`/`₋` become `−`.
+2. Numerals inside proper names and idioms stay as written: the words of _NAMES (`五十嵐`, `六本木`, `八百屋`, `唯一`,
+   `同一人物`, ...), and a numeral + counter + 市/町/村/郡, which is a place name (`八日市`, `四日市`, `十日町`): the
+   text `八日市` does not contain `8日`. The rule cannot know a name it does not list (`八戸` is listed; a surname
+   such as `一戸` is read as "1戸") nor a quantity that happens to stand before 市/町 (`毎月八日市が立つ`, a market on
+   the 8th, reads as the place).
+3. Numbers written with kanji become Arabic, read as one number:
+   - a run of kanji numerals (`三十分` → `30分`, `八百八十トン` → `880トン`, `二〇二四年` → `2024年`);
+   - digits mixed with 十/百/千/万/億, decimals included (`2千個` → `2000個`, `2.5万人` → `25000人`, `4万3千台` →
+     `43000台`, `1億2000万` → `120000000`, `1万3000回転` → `13000回転`). A multiplier after digits is never read on
+     its own: when the whole does not parse (`2万3万`), it stays kanji, so `2千` is never `2` and `1000`;
    - a single numeral after 第: an ordinal, so `第二工場` = `第2工場` (both spellings name the same plant);
-   - a single numeral directly before a counter or unit (`三号機`, `七日`, `週一回`, `製造一課`, `一ヶ月`, `五kg`):
-     the numeral of a name such as `製造一課` is still a number (section 1), so `製造一課` = `製造1課`.
-   A numeral that is a morpheme of a word, not a number, stays: `一般`, `一部`, `唯一` (no counter follows), the
-   words 唯一 同一 統一 単一 均一 画一 随一 逐一 択一 万一 無二 再三 even before a counter (`同一人物`), `十分`
-   ("enough"; `十分間`/`十分後`/`十分前` are 10 minutes) and `一時` before 的 停 休 保 預 (`一時停止`).
-3. Signs. A minus is part of the number it precedes: `-` (also from `－` `﹣`), `‐` `‑` `‒` `–` `—` `―`, `−` (also
+   - a single numeral directly before a counter or unit (`三号機`, `七日`, `週一回`, `製造一課`, `一ヶ月`, `五kg`,
+     `八つ`): the numeral of a name such as `製造一課` is still a number (section 1), so `製造一課` = `製造1課`.
+   A numeral that is a morpheme of a word, not a number, stays: `一般`, `一部` (no counter follows), `十分` ("enough";
+   `十分間`/`十分後`/`十分前` are 10 minutes) and `一時` before 的 停 休 保 預 (`一時停止`).
+4. Signs. A minus is part of the number it precedes: `-` (also from `－` `﹣`), `‐` `‑` `‒` `–` `—` `―`, `−` (also
    from `⁻` `₋`) and `ー` (a common IME slip), but only where it does not follow a letter, digit, katakana or kanji:
    after those it is the hyphen of a name or range (`P-101`, `炉-3`, `5-10`) and is dropped like punctuation. So
    `気温は-5度` is negative, `炉-3` is a name; write a space or particle before a sign (`前年比 -5%`). `▲`/`△`
    directly before a digit are always minus (Japanese accounts write `▲500` for −500; neither is ever a hyphen). The
    words マイナス, 零下, 氷点下 before a number make it negative (`零下5度` = `-5度`); `+`/プラス in sign position
    are dropped (`+5度` = `5度`).
-4. Units written in Latin letters after a number take their Japanese form (`880t` → `880トン`, `1200°c` → `1200度`,
-   `7500 rpm` → `7500回転`), and ヶ/ケ/カ/ヵ/箇 between a number and 月/所 become か (`3ヶ月` = `3か月`).
-5. The text becomes a sequence of numbers and single characters. A number is an optional sign, digits (with `,`
-   thousands groups of exactly three digits: `1,200` = `1200`; `1,20` is two numbers), and `.`/`:` parts
-   (`3.5`, `10:30`, `.5` = `0.5` where `.` does not follow a letter). It is written in one canonical form: thousands
+5. Units after a number take one spelling: Latin `t`, `°c`/`°`, `rpm`, `min`, `sec` become トン, 度, 回転, 分, 秒
+   (`880t` → `880トン`), katakana units become their symbol (`5キログラム` → `5kg`, `45パーセント` → `45%`,
+   `3ミリ` → `3mm`; _KATAKANA_UNITS lists them), and ヶ/ケ/カ/ヵ/箇 between a number and 月/所 become か
+   (`3ヶ月` = `3か月`).
+6. Times of day are written h:mm: `15時30分` = `15:30`, `15時半` = `15:30`, `15時` = `15:00`, `午後3時` = `15:00`;
+   a duration's 半 is 30 of the next unit (`1時間半` = `1時間30分`, `5分半` = `5分30秒`).
+7. A katakana word of three or more morae loses a final long-vowel mark (`サーバー` = `サーバ`, `モーター` =
+   `モータ`), the two spellings of JIS Z 8301 and of most manuals; shorter words keep it (`キー`, `タワー`).
+8. An English article (a, an, the) before another Latin word is dropped (`the apple` = `apple`); a capital `A` after
+   a word is a name (`Plan A`, `vitamin A`), so this step looks at the text before case folding.
+9. The text becomes a sequence of tokens: numbers, Latin words and single other characters. A number is an optional
+   sign, digits (with `,` thousands groups of exactly three digits: `1,200` = `1200`; `1,20` is two numbers), and
+   `.`/`:` parts (`3.5`, `10:30`, `.5` = `0.5` where `.` does not follow a letter), in one canonical form: thousands
    commas, leading zeros and trailing decimal zeros removed (`5.0` = `5`, `0.50` = `0.5`, `007` = `7`, `08:30` =
-   `8:30`), `-0` = `0`; a dotted version such as `1.2.3` stays as written.
-6. Whitespace and punctuation (Unicode category P*: 、。・「」!? -, …) are dropped: they carry no knowledge but still
-   separate numbers (`5, 10` is 5 and 10, never 510; `5〜10` = `5～10` = `5-10`). Kept, as parts of a value:
-   symbols (°, ¥, ±), %.
-7. A trailing copula is dropped (`880トンです。` → `880トン`): です, でした, である, だった, だ, となります, になります.
+   `8:30`), `-0` = `0`; a dotted version such as `1.2.3` stays as written. A Latin word is a run of letters (joined
+   across `-` and `'`: `e-mail` = `email`), so a gold word matches only a whole word (`rome` is not in `romeo`).
+10. Whitespace and punctuation (Unicode category P*: 、。・「」!? -, …) are dropped: they carry no knowledge but
+   still separate numbers and words (`5, 10` is 5 and 10, never 510; `5〜10` = `5～10` = `5-10`). Kept, as parts of a
+   value: symbols (°, ¥, ±), %.
+11. A trailing copula is dropped (`880トンです。` → `880トン`): です, でした, である, だった, だ, となります, になります.
 
 The same normalisation is applied to the prediction, the gold answer and its aliases. `normalize` writes the
-sequence as text, with one space between two numbers that were apart (`5 10`). `exact_match` compares sequences;
-`contains` looks for the gold sequence as a contiguous run of the prediction's, so a gold number matches only a whole
-number of the prediction, sign and decimals included (`5分` is in `約5分間`, not in `15分`, `1.5分` or `-5分`).
+sequence as text, with one space between two numbers or two Latin words that were apart (`5 10`, `new york`).
+`exact_match` compares sequences; `contains` looks for the gold sequence as a contiguous run of the prediction's, so
+a gold number matches only a whole number of the prediction, sign and decimals included (`5分` is in `約5分間`, not
+in `15分`, `1.5分` or `-5分`), and a gold word only a whole word. docs/scoring.md lists what is still not handled.
 """
 
 from __future__ import annotations
@@ -44,31 +61,65 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from decimal import Decimal
 from typing import Iterable, List, Optional
 
 _DIGITS = {"〇": 0, "零": 0, "一": 1, "二": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
 _SMALL = {"十": 10, "百": 100, "千": 1000}
 _LARGE = {"万": 10**4, "億": 10**8}
-_NUMERAL_RUN = re.compile(f"[{''.join(_DIGITS)}{''.join(_SMALL)}{''.join(_LARGE)}]+")
+_KANJI = "".join([*_DIGITS, *_SMALL, *_LARGE])
+_ARABIC = r"\d{1,3}(?:,\d{3})+(?!\d)|\d+(?:\.\d+)?"
+# A stretch of numerals, Arabic and kanji mixed: read as one number (or, failing that, left alone) as a whole.
+_NUMERIC_SPAN = re.compile(rf"(?:{_ARABIC}|[{_KANJI}])+")
+_SPAN_PART = re.compile(rf"({_ARABIC})|([{''.join(_DIGITS)}])|([{''.join([*_SMALL, *_LARGE])}])")
 # Counters and units a lone kanji numeral may stand before. Left out on purpose, because numeral + character is
 # mostly a word there: 部 (一部 "a part"), 方 (一方), 体 (一体), 層 (一層), 面 (一面), 通 (一通り), 色, 気, 連.
 _COUNTERS = set("日月年分時秒人個回度本番枚台件歳階週号名倍割課位点基冊社列段周円次期棟班係機組箱袋缶杯足"
-                "項条章節巻代局桁株着錠畳坪問校店軒戸泊便席票例級等種類")
+                "項条章節巻代局桁株着錠畳坪問校店軒戸泊便席票例級等種類つ")
 _MULTI_COUNTERS = ("ヶ月", "ケ月", "カ月", "ヵ月", "か月", "箇月", "ヶ所", "ケ所", "カ所", "ヵ所", "か所", "箇所",
                    "トン", "キロ", "メートル", "センチ", "ミリ", "グラム", "リットル", "ワット", "ボルト", "アンペア",
                    "パーセント", "セット", "ロット", "サイクル")
 _LATIN_UNIT = re.compile(r"[a-z%°]")
-# Words in which a numeral before a counter is a morpheme, not a number (同一人物 is not "同 1人 物").
-_WORDS = {"唯一", "同一", "統一", "単一", "均一", "画一", "随一", "逐一", "択一", "万一", "無二", "再三"}
+# Proper names and idioms whose numerals are no numbers (the rule of step 2 catches the place names in 市/町/村/郡).
+# Names: surnames and places whose numeral would otherwise be read before a counter or as a numeral run. Words:
+# numerals that are a morpheme even before a counter (同一人物 is not "同 1人 物").
+_NAMES = ("五十嵐", "五十鈴", "五百旗頭", "九十九里", "九十九島", "六本木", "三軒茶屋", "二階堂", "八戸", "千代",
+          "八千代", "四万十", "八百屋", "八百長", "三日月", "三日坊主", "一石二鳥", "十人十色", "一期一会", "四六時中",
+          "七五三", "四半期", "唯一", "同一", "統一", "単一", "均一", "画一", "随一", "逐一", "択一", "無二", "再三")
+_NAME_RE = re.compile("|".join(sorted(_NAMES, key=len, reverse=True)))
+_PLACE = re.compile(f"[{''.join(_DIGITS)}{''.join(_SMALL)}]+(?=[{''.join(sorted(_COUNTERS))}][市町村郡])")
 _NOT_NUMBER = (re.compile(r"十分(?![間後前])"), re.compile(r"一時(?=[的停休保預])"))
+_HIDE = {ch: chr(0xE100 + i) for i, ch in enumerate(_KANJI)}  # a protected numeral, as a private-use character
+_HIDE_TABLE, _UNHIDE = str.maketrans(_HIDE), {ord(v): k for k, v in _HIDE.items()}
 
 _NEG, _POS = "\ue000", "\ue001"  # private-use marks for a sign, only ever placed before a digit
 _MINUS = set("-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\u30fc")  # after NFKC (－ ﹣ → -, ⁻ ₋ → −)
 _HYPHENS = _MINUS - {"ー"}  # dropped where they are no sign; ー is also a katakana letter (データー) and stays
 _ALWAYS_MINUS = set("▲△")
 _SIGN_WORDS = re.compile(r"(マイナス|零下|氷点下|プラス)\s*(?=\.?\d)")
+# Katakana unit names after a number and their symbols, longest first where one is the start of another. ミリ and
+# センチ alone are mm and cm unless more katakana or 秒 follows (ミリ秒 is ms, not handled); キロ alone is kg or km
+# and stays as written.
+_KATAKANA_UNITS = {"キログラム": "kg", "ミリグラム": "mg", "グラム": "g", "キロメートル": "km", "センチメートル": "cm",
+                   "ミリメートル": "mm", "メートル": "m", "ミリリットル": "ml", "リットル": "l", "パーセント": "%",
+                   "キロワット": "kw", "ワット": "w", "ボルト": "v", "アンペア": "a", "ヘルツ": "hz",
+                   "メガパスカル": "mpa", "キロパスカル": "kpa", "パスカル": "pa", "ニュートン": "n",
+                   "センチ": "cm", "ミリ": "mm"}
+_KATAKANA_UNIT = re.compile(r"(?<=\d)\s*(" + "|".join(sorted(_KATAKANA_UNITS, key=len, reverse=True))
+                            + r")(?![ァ-ヺー秒])")
 _UNITS = [(re.compile(r"(?<=\d)\s*t(?![a-z])"), "トン"), (re.compile(r"(?<=\d)\s*°c"), "度"),
-          (re.compile(r"(?<=\d)\s*rpm"), "回転"), (re.compile(r"(?<=\d)[ヶケカヵ箇](?=[月所])"), "か")]
+          (re.compile(r"(?<=\d)\s*°(?![a-z])"), "度"), (re.compile(r"(?<=\d)\s*rpm(?![a-z])"), "回転"),
+          (re.compile(r"(?<=\d)\s*min(?![a-z])"), "分"), (re.compile(r"(?<=\d)\s*sec(?![a-z])"), "秒"),
+          (re.compile(r"(?<=\d)[ヶケカヵ箇](?=[月所])"), "か")]
+_CLOCK = re.compile(r"(午前|午後)?(?<![\d.:])(\d{1,2})時(?!間)(?:(\d{1,2})分(?!間)(?:(\d{1,2})秒)?|(半))?")
+_CLOCK_COLON = re.compile(r"(午前|午後)(\d{1,2}):(\d{2})(?!\d)")
+_HALF = [(re.compile(r"(?<=\d)時間半"), "時間30分"), (re.compile(r"(?<=\d)分半"), "分30秒")]
+_SMALL_KANA = set("ァィゥェォャュョヮヵヶ")
+_KATAKANA_RUN = re.compile(r"(?<![ァ-ヺー])[ァ-ヺ][ァ-ヺー]*ー(?![ァ-ヺー])")
+# Lower case anywhere; capitalised only where a sentence may start (not after a word: `Plan A is`, `vitamin A`).
+_ARTICLE = re.compile(r"(?<![A-Za-z\d])(?:a|an|the|(?<![A-Za-z]\s)(?:A|An|The))\s+(?=[A-Za-z])")
+_LATIN = "a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f"
+_WORD = re.compile(rf"[{_LATIN}]+(?:['’\-\u2010\u2011][{_LATIN}]+)*")
 _NUMBER = re.compile(r"([\ue000\ue001]?)(\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))((?:[.:]\d+)*)")
 _COPULA = ("となります", "になります", "でした", "だった", "である", "です", "だ")
 
@@ -76,6 +127,10 @@ _COPULA = ("となります", "になります", "でした", "だった", "で�
 class _Num(str):
     """A number token in its canonical form (a plain str otherwise: equal to the same number, never to a character,
     since every digit and sign of the text ends up in a number token)."""
+
+
+class _Word(str):
+    """A Latin word token: equal to the same word only, never to a part of a longer one."""
 
 
 def kanji_to_int(run: str) -> Optional[int]:
@@ -99,22 +154,62 @@ def kanji_to_int(run: str) -> Optional[int]:
     return total + section + (digit or 0)
 
 
+def mixed_to_number(span: str) -> Optional[str]:
+    """`2千` → '2000', `2.5万` → '25000', `4万3千` → '43000', `1億2000万` → '120000000'; None if `span` is not one
+    number (`2万3万`: multipliers out of order; `2三`: two numbers side by side; no multiplier at all)."""
+    total, section, pending = Decimal(0), Decimal(0), None
+    last_small, last_large, multiplied = 10**4, 10**9, False
+    for m in _SPAN_PART.finditer(span):
+        arabic, digit, mult = m.groups()
+        if arabic or digit:
+            if pending is not None:
+                return None
+            pending = Decimal(arabic.replace(",", "")) if arabic else Decimal(_DIGITS[digit])
+        elif mult in _SMALL:
+            if _SMALL[mult] >= last_small:
+                return None
+            section += (Decimal(1) if pending is None else pending) * _SMALL[mult]
+            pending, last_small, multiplied = None, _SMALL[mult], True
+        else:
+            if _LARGE[mult] >= last_large or (pending is None and not section):
+                return None
+            total += (section + (pending or 0)) * _LARGE[mult]
+            section, pending, last_small, last_large, multiplied = Decimal(0), None, 10**4, _LARGE[mult], True
+    if not multiplied:
+        return None
+    value = total + section + (pending or 0)
+    return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
+
+
 def _before_counter(after: str) -> bool:
     return after[:1] in _COUNTERS or after.startswith(_MULTI_COUNTERS) or bool(_LATIN_UNIT.match(after))
 
 
-def _numerals(text: str) -> str:
-    def repl(m: re.Match) -> str:
-        run, before, after = m.group(0), text[m.start() - 1:m.start()], text[m.end():]
-        if len(run) == 1 and before != "第":
-            if not _before_counter(after) or before + run in _WORDS:
-                return run
-            if any(p.match(text, m.start()) for p in _NOT_NUMBER):
-                return run
-        value = kanji_to_int(run)
-        return run if value is None else str(value)
+def _hide_names(text: str) -> str:
+    """Turn the numerals of listed names and of place names (step 2) into private-use characters."""
+    def hide(m: re.Match) -> str:
+        return m.group(0).translate(_HIDE_TABLE)
 
-    return _NUMERAL_RUN.sub(repl, text)
+    return _PLACE.sub(hide, _NAME_RE.sub(hide, text))
+
+
+def _numerals(text: str) -> str:
+    hidden = _hide_names(text)
+
+    def repl(m: re.Match) -> str:
+        span, before, after = m.group(0), hidden[m.start() - 1:m.start()], hidden[m.end():]
+        has_arabic, has_kanji = any(ch.isdigit() for ch in span), any(ch in _KANJI for ch in span)
+        if not has_kanji:
+            return span
+        if has_arabic:
+            return mixed_to_number(span) or span
+        if len(span) == 1 and before != "第":
+            if not _before_counter(after) or any(p.match(hidden, m.start()) for p in _NOT_NUMBER):
+                return span
+        value = kanji_to_int(span)
+        return span if value is None else str(value)
+
+    return _NUMERIC_SPAN.sub(repl, hidden).translate(_UNHIDE)
 
 
 def _is_name_char(ch: str) -> bool:
@@ -139,6 +234,36 @@ def _mark_signs(text: str) -> str:
     return "".join(out)
 
 
+def _clock(half: str, hour: str, minute: str, second: str = "") -> Optional[str]:
+    """A time of day as h:mm (h:mm:ss), 午後 adding 12 hours; None if it is none (25時, 3時75分)."""
+    h = int(hour) + (12 if half == "午後" and int(hour) < 12 else 0)
+    if h > 24 or int(minute) > 59 or (second and int(second) > 59):
+        return None
+    return f"{h}:{int(minute):02d}" + (f":{int(second):02d}" if second else "")
+
+
+def _times(text: str) -> str:
+    text = _CLOCK.sub(lambda m: _clock(m[1], m[2], m[3] or ("30" if m[5] else "0"), m[4] or "") or m[0], text)
+    return _CLOCK_COLON.sub(lambda m: _clock(m[1], m[2], m[3]) or m[0], text)
+
+
+def _drop_long_vowel(m: re.Match) -> str:
+    word = m.group(0)
+    morae = sum(ch not in _SMALL_KANA for ch in word[:-1])
+    return word[:-1] if morae >= 3 else word
+
+
+def _rewrite(text: str) -> str:
+    """Steps 5-7: one spelling of units, times and long vowels."""
+    text = _KATAKANA_UNIT.sub(lambda m: _KATAKANA_UNITS[m.group(1)], text)
+    for pattern, unit in _UNITS:
+        text = pattern.sub(unit, text)
+    text = _times(text)
+    for pattern, spelled in _HALF:
+        text = pattern.sub(spelled, text)
+    return _KATAKANA_RUN.sub(_drop_long_vowel, text)
+
+
 def _canonical(m: re.Match) -> _Num:
     sign, whole, rest = m.group(1), m.group(2).replace(",", ""), m.group(3)
     if ":" not in rest and rest.count(".") <= 1:  # a decimal number: compare by value
@@ -160,11 +285,9 @@ def _is_dropped(ch: str) -> bool:
 
 
 def _tokens(text: str) -> List[str]:
-    """Normalised text as a list of tokens: _Num numbers and single characters (module docstring, steps 1-7)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _mark_signs(_numerals(text))
-    for pattern, unit in _UNITS:
-        text = pattern.sub(unit, text)
+    """Normalised text as a list of tokens: _Num numbers, _Word Latin words and single characters (steps 1-11)."""
+    text = _ARTICLE.sub("", unicodedata.normalize("NFKC", text)).casefold()  # before casefold: A is a name or not
+    text = _rewrite(_mark_signs(_numerals(text)))
     tokens: List[str] = []
     i = 0
     while i < len(text):
@@ -173,6 +296,11 @@ def _tokens(text: str) -> List[str]:
         if m and m.end() > i and (m.group(1) or m.group(2) or i == 0 or not text[i - 1].isalnum()):
             tokens.append(_canonical(m))
             i = m.end()
+            continue
+        w = _WORD.match(text, i)
+        if w:
+            tokens.append(_Word(re.sub(r"['’\-\u2010\u2011]", "", w.group(0))))
+            i = w.end()
             continue
         if not _is_dropped(text[i]):
             tokens.append(text[i])
@@ -184,10 +312,10 @@ def _tokens(text: str) -> List[str]:
 
 
 def _render(tokens: List[str]) -> str:
-    """Tokens as text; a space between two numbers keeps them apart (5 10 is not 510)."""
+    """Tokens as text; a space between two numbers or two words keeps them apart (5 10 is not 510)."""
     out = []
     for prev, tok in zip([None, *tokens], tokens):
-        if isinstance(prev, _Num) and isinstance(tok, _Num):
+        if type(prev) is type(tok) and isinstance(tok, (_Num, _Word)):
             out.append(" ")
         out.append(tok)
     return "".join(out)
@@ -210,7 +338,7 @@ def contains(prediction: str, answer: str, aliases: Iterable[str] = ()) -> float
     """1.0 when the gold answer (or an alias) is a contiguous run of the prediction's tokens.
 
     Tokens, not a substring test: a gold number then matches only a whole number of the prediction (`5分` is not in
-    `15分`, `1.5分` or `-5分`).
+    `15分`, `1.5分` or `-5分`), and a gold Latin word only a whole word (`rome` is not in `romeo`).
     """
     pred = _tokens(prediction)
     return float(any(pred[i:i + len(g)] == g for g in _golds(answer, aliases) for i in range(len(pred) - len(g) + 1)))

@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 _MLFLOW_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_CONFIGURE_LOGGING": "false"}
 os.environ.update(_MLFLOW_ENV)
 ARTIFACTS = ("metrics.json", "config.yaml", "answers.jsonl", "lost_questions.jsonl", "run.log")
-SWEEP_ARTIFACTS = ("report.html", "results.csv", "results.md", "cells.csv", "answers.md")
+SWEEP_ARTIFACTS = ("report.html", "results.csv", "results.md", "cells.csv", "answers.md",
+                   # a search's (pipeline/sweep/pareto.py)
+                   "pareto_front.md", "pareto_front.csv", "trials.csv", "confirmation.csv", "pareto.png")
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
 _BAD_NAME = re.compile(r"[^\w\-. /:]")  # MLflow's allowed characters in parameter and metric names
 
 
@@ -73,6 +76,39 @@ def check(cfg) -> None:
     missing = [m for m in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
     if missing and (uri.startswith("sqlite:") or "mlflow" in missing):
         raise PipelineError(f"tracking=mlflow needs {', '.join(missing)}: pip install -e \".[tracking]\"")
+    check_store(uri)
+
+
+def check_store(uri: str) -> None:
+    """The local store can be written: a `sqlite:///` file that is an SQLite database (or empty) in a directory this
+    process may write (its lock file goes next to it), or a directory that exists or can be created. Checked before
+    any training, so an unwritable store is not found out as a warning after hours of it."""
+    import tempfile
+
+    db = _store_path(uri)
+    where = db.parent if db else Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if db and db.exists():
+        if not db.is_file():
+            raise PipelineError(f"tracking.uri={uri}: {db} is not a file; point tracking.uri at an SQLite file")
+        with open(db, "rb") as f:  # the header only: no connection, so a sweep's other jobs writing it never block
+            header = f.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise PipelineError(f"tracking.uri={uri}: {db} is not an SQLite database (file is not a database); point "
+                                f"tracking.uri at a new file or an MLflow store")
+        if not os.access(db, os.W_OK):
+            raise PipelineError(f"tracking.uri={uri}: {db} is read-only; set tracking.uri to a writable file or "
+                                f"tracking=none")
+    probe = where
+    while not probe.exists():  # the nearest existing ancestor decides whether the directory can be created
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise PipelineError(f"tracking.uri={uri}: cannot write the store there ({e.strerror or e}); set tracking.uri "
+                            f"to a writable location or tracking=none") from None
 
 
 def local_uri(uri: str) -> str:

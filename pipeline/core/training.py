@@ -81,22 +81,33 @@ def training_arguments(cls, stage_cfg, out_dir, device: torch.device, dtype: tor
     return cls(**kwargs)
 
 
-def resume_checkpoint(trainer_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete Trainer checkpoint in `trainer_dir` (None: none), after deleting the others.
+def newest_checkpoint(trainer_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete Trainer checkpoint in `trainer_dir` (None: none); deletes nothing.
 
     The Trainer writes a checkpoint's files one after another, trainer_state.json last: a checkpoint whose state file
-    is missing or unreadable was cut short by a kill, and older complete ones are superseded by the newest, except
-    the best one it names (early stopping loads that at the end).
-    """
+    is missing or unreadable was cut short by a kill."""
     found = []
     for path in Path(trainer_dir).glob("checkpoint-*"):
         step = re.fullmatch(r"checkpoint-(\d+)", path.name)
         if step and path.is_dir():
             found.append((int(step[1]), path))
-    newest = next((path for _, path in sorted(found, reverse=True) if _trainer_state(path) is not None), None)
+    return next((path for _, path in sorted(found, reverse=True) if _trainer_state(path) is not None), None)
+
+
+def checkpoint_step(checkpoint: Path) -> tuple:
+    """(the optimizer step a complete checkpoint was saved at, the run's total steps or None)."""
+    state = _trainer_state(checkpoint) or {}
+    return state.get("global_step"), state.get("max_steps") or None
+
+
+def resume_checkpoint(trainer_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete Trainer checkpoint in `trainer_dir` (None: none), after deleting the others: older
+    complete ones are superseded by the newest, except the best one it names (early stopping loads that at the end),
+    and incomplete ones were cut short by a kill."""
+    newest = newest_checkpoint(trainer_dir)
     keep = {newest.name, Path(_trainer_state(newest).get("best_model_checkpoint") or "").name} if newest else set()
-    for _, path in found:
-        if path.name not in keep:
+    for path in Path(trainer_dir).glob("checkpoint-*"):
+        if re.fullmatch(r"checkpoint-\d+", path.name) and path.is_dir() and path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
     return newest
 

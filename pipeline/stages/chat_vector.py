@@ -36,6 +36,7 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
+from pipeline.core.lineage import write_lineage
 from pipeline.core.outputs import PipelineError, atomic_output, write_json
 from pipeline.core.checkpoints import check_model_dir, declared_tied, load_tokenizer
 from pipeline.core.config import ChatVectorConfig, ModelConfig, cache_settings
@@ -242,6 +243,7 @@ def apply_chat_vector(cfg: ChatVectorConfig, model_cfg: ModelConfig, cpt_model_d
                   "skipped": sorted(k for k, v in done.items() if v == "skipped"), "verified": True,
                   "seconds": round(time.time() - t0, 2)}
         write_json(tmp / "chat_vector.json", report)
+        write_lineage(tmp, "chat_vector_model", model_cfg.path, parent=cpt_model_dir)
     log.info("chat vector: CPT model + %g x (instruct - base) on %d of %d tensors (%d skipped, %d on their shared "
              "rows only); stored weights verified tensor by tensor; loads with transformers (%.1fs)", cfg.ratio,
              counts["added"] + counts["rows"], len(done), counts["skipped"], counts["rows"], time.time() - t0)

@@ -28,6 +28,7 @@ import torch
 from pipeline.core.checkpoints import count_4bit_linears, load_tokenizer
 from pipeline.core.training import count_trainable, final_loss, loss_summary, train_stage, training_arguments
 from pipeline.core.devices import resolve_device, resolve_dtype
+from pipeline.core.lineage import write_lineage
 from pipeline.core.outputs import PipelineError, resumable_output, write_json
 from pipeline.core.config import CptConfig, DataConfig, DataPath, ModelConfig, cache_settings
 from pipeline.core.progress import attach_progress, loss_history
@@ -292,4 +293,5 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
         model.save_pretrained(build)
         tok.save_pretrained(build)
         write_json(build / "cpt_stats.json", stats)
+        write_lineage(build, "cpt_adapter", model_cfg.path)  # what this is and its base, for inputs.* checks
     return out_dir

@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from pipeline.core.lineage import write_lineage
 from pipeline.core.outputs import PipelineError, atomic_output, write_json
 from pipeline.core.checkpoints import is_prequantized, load_model, load_tokenizer
 from pipeline.core.devices import resolve_device, resolve_dtype
@@ -605,4 +606,5 @@ def merge_adapter(cfg: MergeConfig, model_cfg: ModelConfig, adapter_dir: str | P
             "embedding_rows_compared": None if ref["tied"] else rows,  # untied: every input row (embedding_mismatch)
             "edited_tensors": info["edited"], "verified_on": str(dev), "quantized_training_drift": drift,
         })
+        write_lineage(tmp, "cpt_model", model_cfg.path, parent=adapter_dir)
     return out_dir

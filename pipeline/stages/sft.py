@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from pipeline.core.lineage import write_lineage
 from pipeline.core.outputs import PipelineError, example, resumable_output, write_json
 from pipeline.core.checkpoints import count_4bit_linears, load_tokenizer
 from pipeline.core.training import count_trainable, final_loss, loss_summary, train_stage, training_arguments
@@ -225,4 +226,5 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
             "best_eval_loss": trainer.state.best_metric, "dev_loss": dev_loss,
             "best_checkpoint_step": _step_of(trainer.state.best_model_checkpoint),
         })
+        write_lineage(tmp, "sft_adapter", model_cfg.path, parent=cpt_model_dir)
     return out_dir

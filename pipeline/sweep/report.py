@@ -96,13 +96,26 @@ def _answers(jobs: List[dict], keys: Sequence[str]) -> Dict:
             "n_lost": sum(q["lost"] for q in questions)}
 
 
+def _search(sweep_dir: Path) -> Optional[Dict]:
+    """A search's front, plot and confirmation (pipeline/sweep/pareto.py wrote them); None for a plain sweep."""
+    from pipeline.sweep.pareto import report_section
+
+    section = report_section(sweep_dir)
+    if section is None:
+        return None
+    conf = section["confirmation"]
+    return {"summary": section["summary"], "front": _results(section["front"]), "failed": section["failed"],
+            "plot": _data_uri(section["plot"]) if section["plot"] else None,
+            "confirmation": _results(conf) if conf is not None else None}
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def write_report(sweep_dir: str | Path, jobs: List[dict], table_df, keys: Sequence[str],
                  heatmap_paths: Sequence[str | Path]) -> Path:
-    """Write `sweep_dir`/report.html from the sweep's jobs (pipeline.aggregate.read_jobs), its results table and
+    """Write `sweep_dir`/report.html from the sweep's jobs (pipeline.sweep.tables.read_jobs), its results table and
     swept keys (results_table) and its heatmap PNGs; returns the file's path."""
     import jinja2
 
@@ -115,7 +128,7 @@ def write_report(sweep_dir: str | Path, jobs: List[dict], table_df, keys: Sequen
     summary = (f"{len(jobs)} jobs: {n_ok} ok, {len(jobs) - n_ok} failed or incomplete. Swept: "
                f"{', '.join(keys) or '-'}. Headline metric: {headline}.")
     html = env.get_template(TEMPLATE).render(
-        name=sweep_dir.name, summary=summary, table=_results(table_df),
+        name=sweep_dir.name, summary=summary, table=_results(table_df), search=_search(sweep_dir),
         results_md=(sweep_dir / "results.md").is_file(),
         heatmaps=[{"name": Path(p).stem, "uri": _data_uri(Path(p))} for p in heatmap_paths if Path(p).is_file()],
         answers=_answers(jobs, keys))
