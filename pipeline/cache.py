@@ -57,11 +57,17 @@ def fingerprint_files(files: Iterable[Path]) -> str:
 
 def fingerprint_model(path: str | os.PathLike) -> str:
     """Identity of a checkpoint directory without reading gigabytes: a completed stage output is identified by its
-    own cache key (its directory name under the cache); any other directory by its resolved path and each file's
-    name, size and modification time (a rebuilt or replaced model gets a new identity)."""
+    own cache key (its directory name under the cache); a snapshot of the Hugging Face cache by its repo and commit;
+    any other directory by its resolved path and each file's name, size and modification time (a rebuilt or
+    replaced model gets a new identity)."""
     p = Path(path).resolve()
     if is_complete(p) and (p.parent.parent / ".pipeline-cache").is_file():
         return f"cache:{p.parent.name}/{p.name}"
+    from pipeline.core.checkpoints import hub_snapshot
+
+    snapshot = hub_snapshot(p)
+    if snapshot:  # a checkpoint in the Hugging Face cache: its commit says what it holds, wherever the cache is
+        return f"hf:{snapshot[0]}@{snapshot[1]}"
     h = hashlib.sha256(str(p).encode())
     for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
         st = f.stat()
@@ -126,7 +132,8 @@ def _touch(path: Path) -> None:
 
 
 def _entries(root: Path):
-    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    # (.datasets holds datasets' Arrow copies of the data files read, pipeline/core/data.py: not a stage)
+    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             yield stage_dir.name, entry
 

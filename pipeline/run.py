@@ -11,6 +11,7 @@ decides which stages run, checks every input before any training starts, and wri
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -29,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.core.backend import activate, check_attn_implementation, resolve_backend, unsloth_blockers
 from pipeline.cache import StageCache, fingerprint_model, stage_key
+from pipeline.core.data import use_datasets_cache
 from pipeline.core.outputs import PipelineError, is_complete, log_examples, write_json
 from pipeline.core.devices import check_4bit_support, resolve_device, resolve_dtype
-from pipeline.core.checkpoints import declared_tied, inspect_checkpoint, is_prequantized
+from pipeline.core.checkpoints import declared_tied, inspect_checkpoint, is_prequantized, resolve_model_path
 from pipeline.core.config import (DEMO_GENERATOR_PATH, DEMO_INSTRUCT_PATH, DEMO_MODEL_PATH, SECTIONS, cache_settings,
                                   check_ranges, check_run, flat_config, typed)
 from pipeline.stages.eval import TRANSITIONS
@@ -100,7 +102,7 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
     stages' outputs (kind and lineage), then what needs the checkpoint read without its weights (module names,
     positions, vocabulary, LoRA ranks, the chat template, SFT prompt lengths)."""
     from pipeline.core.content import check_qa_content, check_sft_content, check_tokenizable
-    from pipeline.core.data import load_cpt_documents, load_qa, load_sft_records
+    from pipeline.core.data import check_cpt_documents, load_qa, load_sft_records, qa_fields
     from pipeline.stages.chat_vector import check_instruct
     from pipeline.core.mixing import check_lever_inputs
     from pipeline.core.modules import add_tokens, check_rank, embedding_rows, is_tied, resolve_layers, resolve_targets
@@ -129,24 +131,27 @@ def validate(cfg: DictConfig, stages: list, backend: str = "hf") -> None:
             check_attn_implementation(sections[name].attn_implementation, resolve_device(str(cfg.device)),
                                       f"{name}.attn_implementation")
     if "cpt" in stages or "augment" in stages:
-        load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
+        check_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field)
     if "augment" in stages:
         check_augment(sections["augment"], model_cfg, data_cfg, str(cfg.device))
-    sft_records = load_sft_records(data_cfg.sft.path, where=True) if "sft" in stages else []
+    sft_records = load_sft_records(data_cfg.sft.path, messages_field=data_cfg.sft.messages_field, where=True) \
+        if "sft" in stages else []
     check_sft_content(sft_records)
-    qa_items = []  # tokenized below, once the tokenizer is known
-    if "eval" in stages:
-        qa_items = load_qa(data_cfg.qa.path)
-        check_qa_content(qa_items, "data.qa.path")
-        if data_cfg.general_qa.path:
-            check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path"), "data.general_qa.path")
     for part, used in (("cpt_qa", "cpt" in stages and sections["cpt"].qa_mix),
                        ("dev_qa", "sft" in stages and sections["sft"].early_stopping_patience)):
         spec = getattr(data_cfg, part).path
         if used and spec:  # QA pairs trained on or scored against: the same content rules as data.qa
-            check_qa_content(load_qa(spec, key=f"data.{part}.path"), f"data.{part}.path")
+            check_qa_content(load_qa(spec, key=f"data.{part}.path", **qa_fields(getattr(data_cfg, part))),
+                             f"data.{part}.path")
+    qa_items = []  # tokenized below, once the tokenizer is known
+    if "eval" in stages:
+        qa_items = load_qa(data_cfg.qa.path, **qa_fields(data_cfg.qa))
+        check_qa_content(qa_items, "data.qa.path")
+        if data_cfg.general_qa.path:
+            check_qa_content(load_qa(data_cfg.general_qa.path, key="data.general_qa.path",
+                                     **qa_fields(data_cfg.general_qa)), "data.general_qa.path")
         if data_cfg.heldout.path:
-            load_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
+            check_cpt_documents(data_cfg.heldout.path, data_cfg.heldout.text_field, key="data.heldout.path")
         if ev.judge_path:
             inspect_checkpoint(ev.judge_path, "eval.judge_path", model_cfg.trust_remote_code)
         if ev.expected_format:
@@ -292,6 +297,32 @@ def _demo_builds(model_cfg, path: Optional[str]) -> bool:
                 (Path(DEMO_INSTRUCT_PATH).resolve(), Path(DEMO_GENERATOR_PATH).resolve()))
 
 
+def resolve_models(cfg: DictConfig, stages: list) -> DictConfig:
+    """The config with every model this run reads given as a directory: a Hub id (`org/name[@revision]`) becomes
+    its snapshot in the local Hugging Face cache (checkpoints.resolve_model_path; never downloaded). The stages, the
+    keys (the snapshot's commit, cache.fingerprint_model), config.yaml and metrics.json then see the directory."""
+    model_cfg = typed(cfg, "model")
+    keys = ["model.path"] if not (model_cfg.build_demo_if_missing and Path(model_cfg.path).resolve()
+                                  == Path(DEMO_MODEL_PATH).resolve()) else []
+    generator = cfg.get("augment", {}).get("generator_path") if "augment" in stages else None
+    if ("chat_vector" in stages or ("augment" in stages and not generator)) and model_cfg.instruct_path \
+            and not _demo_builds_instruct(model_cfg):
+        keys.append("model.instruct_path")
+    if generator and not _demo_builds(model_cfg, generator):
+        keys.append("augment.generator_path")
+    if "eval" in stages and cfg.eval.get("judge_path"):
+        keys.append("eval.judge_path")
+    resolved = {key: resolve_model_path(str(OmegaConf.select(cfg, key)), key) for key in keys}
+    changed = {k: v for k, v in resolved.items() if v != str(OmegaConf.select(cfg, k))}
+    if not changed:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key, path in changed.items():
+        log.info("%s=%s: %s (local Hugging Face cache)", key, OmegaConf.select(cfg, key), path)
+        OmegaConf.update(cfg, key, path)
+    return cfg
+
+
 def _demo_builds_instruct(model_cfg) -> bool:
     """The demo's instruct sibling is built on first use (at its own path only), after validation."""
     return bool(model_cfg.build_demo_if_missing and model_cfg.instruct_path
@@ -407,6 +438,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     seed, device = int(cfg.seed), str(cfg.device)
     log_examples(bool(cfg.get("log_examples", False)))
     stages = _stage_list(cfg)
+    cfg = resolve_models(cfg, stages)  # Hub ids -> their snapshots in the local Hugging Face cache
     # Before any Hugging Face import: unsloth patches transformers, PEFT and TRL when it is imported first. So what
     # unsloth cannot train is judged from the config and config.json alone here, and against the model in validate.
     model_cfg = typed(cfg, "model")
@@ -419,6 +451,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
     log.info("backend: %s (backend=%s, device=%s)", backend, cfg.backend, resolve_device(device))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    use_datasets_cache((Path(cfg.cache.dir) if cfg.cache.enabled else run_dir) / ".datasets")
     validate(cfg, stages, backend)
     data_cfg = typed(cfg, "data")
     if model_cfg.build_demo_if_missing:
@@ -478,8 +511,8 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         c = typed(cfg, "cpt")
         cpt_seed = seed if c.seed is None else c.seed
         paths["cpt_adapter"] = run_stage("cpt", "cpt_adapter", materials["cpt"], lambda out: cpt.train_cpt(
-            c, model_cfg, data_cfg.cpt, cpt_seed, out, device, backend, qa_pairs=data_cfg.cpt_qa.path,
-            scored_qa=data_cfg.qa.path, augmented=paths.get("augmented")))
+            c, model_cfg, data_cfg.cpt, cpt_seed, out, device, backend, qa_pairs=data_cfg.cpt_qa,
+            scored_qa=data_cfg.qa, augmented=paths.get("augmented")))
     if "merge" in stages:
         m, adapter = typed(cfg, "merge"), _require(paths["cpt_adapter"], "cpt_adapter", "merge")
         paths["cpt_model"] = run_stage("merge", "cpt_model", materials["merge"], lambda out: merge.merge_adapter(
@@ -494,7 +527,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
         sft_seed = seed if s_cfg.seed is None else s_cfg.seed
         paths["sft_adapter"] = run_stage("sft", "sft_adapter", materials["sft"], lambda out: sft.train_sft(
             s_cfg, model_cfg, data_cfg.sft, paths.get("cv_model") or cpt_model, sft_seed, out, device, backend,
-            replay=replay, dev_qa=data_cfg.dev_qa.path, scored_qa=data_cfg.qa.path))
+            replay=replay, dev_qa=data_cfg.dev_qa, scored_qa=data_cfg.qa))
     if "eval" in stages:
         ev = typed(cfg, "eval")
         if cfg.inputs.get("sft_adapter") and "sft" not in stages and paths["cpt_model"]:
@@ -503,7 +536,7 @@ def run_pipeline(cfg: DictConfig, run_dir: str | Path) -> Dict:
                   "sft": (paths.get("cv_model") or paths["cpt_model"], paths["sft_adapter"])}
         models = {k: models[k] for k in eval_models(cfg, stages)}
         eval_dir = Path(run_stage("eval", "eval", materials["eval"], lambda out: evaluation.evaluate(
-            ev, model_cfg, data_cfg.qa.path, models, out, device, data_cfg.general_qa.path, data_cfg.heldout.path,
+            ev, model_cfg, data_cfg.qa, models, out, device, data_cfg.general_qa, data_cfg.heldout.path,
             backend, heldout_text_field=data_cfg.heldout.text_field)))
         for name in ("answers.jsonl", "lost_questions.jsonl"):
             shutil.copyfile(eval_dir / name, run_dir / name)

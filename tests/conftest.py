@@ -5,12 +5,21 @@ Nothing is downloaded: the tokenizer is trained on the strings below in well und
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import pipeline  # noqa: F401  (offline environment first)
+
+# `datasets` keeps an Arrow copy of every table it reads under its cache: the tests' copies go to a temporary
+# directory (inherited by the pipeline's subprocesses), never the user's ~/.cache.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kk-datasets-"))
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 CORPUS = [
     "北斗精機の第二工場にはプレス機P-101がある。P-101の定格能力は880トンです。",

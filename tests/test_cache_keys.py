@@ -53,8 +53,9 @@ MODEL_READERS = {
 # data.<part>.path is changed through its files' contents (test_every_input_file_moves_exactly_its_stages).
 DATA_READERS = {"cpt": after("augment"), "cpt_qa": after("cpt"), "sft": after("sft"), "replay": after("sft"),
                 "dev_qa": after("sft"), "qa": after("augment"), "general_qa": after("eval"), "heldout": after("eval")}
-# data.<part>.text_field: read for CPT-style text only.
-TEXT_FIELD_READERS = {"cpt": after("augment"), "replay": after("sft"), "heldout": after("eval")}
+# data.<part>.*_field name where a table keeps what the pipeline reads. They enter no key themselves: the records
+# they select do (test_field_keys_key_the_records_they_select). A new one must be declared here.
+FIELD_KEYS = {"text_field", "question_field", "answer_field", "id_field", "messages_field"}
 # Top-level keys. `backend` is keyed as resolved (test_resolved_backend_and_dtype_are_keyed), `stages` and `inputs`
 # have their own tests; the others say how and where a run happens, not what it computes.
 TOP_LEVEL = {"seed": after("augment"), "device": set(), "cache": set(), "debug": set(), "log_examples": set(),
@@ -166,12 +167,13 @@ def test_every_config_key_moves_exactly_its_stages(setup, gpu):
             part, name = key.split(".")[1], key.split(".")[-1]
             if section == "data" and name == "path":
                 continue  # files: the next test
+            if section == "data":
+                assert name in FIELD_KEYS, f"{key} is a new data key: declare it in FIELD_KEYS and test it"
+                continue  # the records it selects are keyed: test_field_keys_key_the_records_they_select
             if section == "model":
                 assert part in MODEL_READERS, (f"{key} is a new model key: declare in MODEL_READERS which stages "
                                                f"read it, and add it to their cache keys (run.stage_materials)")
                 expected = MODEL_READERS[part]
-            elif section == "data":
-                expected = TEXT_FIELD_READERS.get(part, set())
             elif section == "tracking" or f.metadata.get("runtime"):
                 expected = set()  # declared runtime: how a stage runs or reports, not what it produces
             else:
@@ -238,7 +240,7 @@ def same_size_edit(data: bytes) -> bytes:
 
 def test_every_input_file_moves_exactly_its_stages(setup):
     """Every file of every input (each corpus document, each file of each model directory, the template), edited
-    in place without changing its size."""
+    in place: a model's files and the template without changing their size, a data file in one record's text."""
     cfg, files, models, template = setup
     edits = {f"data.{part}": (files[part], readers) for part, readers in DATA_READERS.items()}
     edits.update({"model.path files": (models["base"], after("cpt")),
@@ -252,8 +254,12 @@ def test_every_input_file_moves_exactly_its_stages(setup):
         for target in sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]:
             before = keys(cfg)  # a model is identified by its files' sizes and times: a restored file is a new file
             original = target.read_bytes()
-            target.write_bytes(same_size_edit(original))
-            assert target.stat().st_size == len(original)
+            if what.startswith("data."):  # data is keyed by its records: one record's text changes, still valid
+                target.write_bytes(original.replace(b'"}', b'x"}', 1) if target.suffix == ".jsonl"
+                                   else original + b"x")
+            else:
+                target.write_bytes(same_size_edit(original))
+                assert target.stat().st_size == len(original)
             try:
                 got = changed(before, keys(cfg))
             finally:
@@ -330,3 +336,23 @@ def test_gguf_converter_is_keyed_by_content_not_location(setup, tmp_path):
     assert keys(with_value(cfg, "export.llama_cpp", str(moved))) == before
     (converter / "convert_hf_to_gguf.py").write_text("# v2\n")
     assert changed(before, keys(cfg)) == {"export"}
+
+
+def test_field_keys_key_the_records_they_select(setup, tmp_path):
+    """Tables whose columns are named otherwise, with the data.<part>.*_field keys naming them, hold the same records:
+    every key stays. A field key pointed at a column with other text is other data."""
+    cfg, _, _, _ = setup
+    before = keys(cfg)
+    d = tmp_path / "renamed"
+    d.mkdir()
+    heldout = write_jsonl(d / "heldout.jsonl", [{"本文": "未学習の文書。", "body": "別の文書。"}])
+    qa = write_jsonl(d / "qa.jsonl", [{"qid": q["id"], "q": q["question"], "a": q["answer"],
+                                       **{k: v for k, v in q.items() if k == "aliases"}} for q in QA])
+    sft = write_jsonl(d / "sft.jsonl", [{"dialog": r["messages"]} if "messages" in r else r for r in SFT])
+    renamed = cfg
+    for key, value in {"data.heldout.path": heldout, "data.heldout.text_field": "本文", "data.qa.path": qa,
+                       "data.qa.question_field": "q", "data.qa.answer_field": "a", "data.qa.id_field": "qid",
+                       "data.sft.path": sft, "data.sft.messages_field": "dialog"}.items():
+        renamed = with_value(renamed, key, str(value))
+    assert keys(renamed) == before
+    assert changed(before, keys(with_value(renamed, "data.heldout.text_field", "body"))) == after("eval")

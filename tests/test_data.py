@@ -32,7 +32,7 @@ def test_empty_corpus_and_missing_path(tmp_path):
         load_cpt_documents(str(tmp_path))
     with pytest.raises(PipelineError, match="no such file or directory"):
         load_cpt_documents(str(tmp_path / "nope"))
-    with pytest.raises(PipelineError, match="no .txt/.md/.jsonl files"):
+    with pytest.raises(PipelineError, match="no .txt/.md/.jsonl/.json/.csv/.parquet/.arrow files or saved datasets found"):
         load_cpt_documents(str(tmp_path / "*.pdf"))
 
 

@@ -35,6 +35,14 @@ def _model_dir(tmp: Path, name: str, config=None, files=("model.safetensors",)) 
     return d
 
 
+def _parquet(path: Path, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 def cases(tmp: Path, model: Path) -> dict:
     """name -> (overrides, the one line's pattern)."""
     empty = tmp / "empty_corpus"
@@ -84,7 +92,7 @@ def cases(tmp: Path, model: Path) -> dict:
         "corpus not UTF-8": ({"data.cpt.path": _write(tmp / "sjis" / "doc.txt", "設備台帳".encode("shift_jis"))},
                              r"doc\.txt: not valid UTF-8 \(byte 0\)"),
         "corpus jsonl without text": ({"data.cpt.path": write_jsonl(tmp / "docs.jsonl", [{"body": "x"}])},
-                                      r"docs\.jsonl:1: missing string field 'text' \(data\.cpt\.text_field\)"),
+                                      r"docs\.jsonl:1: missing string field 'text' \(data\.cpt\.text_field"),
         "SFT malformed line": ({"data.sft.path": _write(tmp / "broken.jsonl", '{"prompt": "a", "completion": "b"}\n'
                                                                                 '{"prompt": "a" "completion": "b"}\n')},
                                r"broken\.jsonl:2: malformed JSON"),
@@ -96,7 +104,7 @@ def cases(tmp: Path, model: Path) -> dict:
         "SFT empty file": ({"data.sft.path": _write(tmp / "nothing.jsonl", "\n")},
                            r"^data\.sft\.path=.*nothing\.jsonl: no SFT records"),
         "SFT unknown format": ({"data.sft.path": write_jsonl(tmp / "fmt.jsonl", [{"q": "a", "a": "b"}])},
-                               r"fmt\.jsonl:1: expected 'messages', 'prompt'\+'completion'"),
+                               r"fmt\.jsonl:1: expected 'messages', 'conversations', 'prompt'\+'completion'"),
         "QA without answer": ({"data.qa.path": write_jsonl(tmp / "noanswer.jsonl", [{"id": "x", "question": "q?"}])},
                               r"noanswer\.jsonl:1: QA record without a non-empty string 'answer'"),
         "QA duplicate id": ({"data.qa.path": qa_dup}, r"qa_dup\.jsonl:2: duplicate id 'q1' \(first at .*:1\)"),
@@ -104,6 +112,18 @@ def cases(tmp: Path, model: Path) -> dict:
                                   r"alias\.jsonl:1: 'aliases' must be a list of strings"),
         "QA not an object": ({"data.qa.path": _write(tmp / "list.jsonl", '["q", "a"]\n')},
                              r"list\.jsonl:1: expected a JSON object, got list"),
+        # the same promise in every format (pipeline/core/data.py): file, row, field
+        "parquet row with a null text": ({"data.cpt.path": _parquet(tmp / "docs.parquet", {"text": ["本文", None]})},
+                                         r"docs\.parquet: row 2: missing string field 'text' \(data\.cpt\.text_field"),
+        "CSV without the answer column": ({"data.qa.path": _write(tmp / "qa.csv", "id,question\nq1,P-101は?\n")},
+                                          r"qa\.csv: row 1: QA record without a non-empty string 'answer'"),
+        "sharegpt turn of an unknown role": ({"data.sft.path": _write(tmp / "chat.json", json.dumps([{"conversations": [
+            {"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}]))},
+            r"chat\.json: row 1: conversations\[1\]\.from='bot' \(human, gpt or system\)"),
+        "Hub id not in the local cache": ({"model.path": "no-org/no-model"},
+                                          r"^model\.path=no-org/no-model: no such directory, and no-org/no-model is "
+                                          r"not in the local Hugging Face cache "
+                                          r"\(searched .*models--no-org--no-model\)"),
         # outputs and earlier stages' outputs
         "cache dir not writable": ({"cache.dir": _write(tmp / "a_file", "x") / "cache"},
                                    r"^cache\.dir=.*a_file/cache: not writable"),
@@ -141,7 +161,8 @@ CASE_NAMES = [
     "not a causal LM", "pickle weights only", "wrong family", "unknown target module", "corpus missing",
     "corpus empty", "corpus not UTF-8", "corpus jsonl without text", "SFT malformed line", "SFT unknown role",
     "SFT ends with the user", "SFT empty file", "SFT unknown format", "QA without answer", "QA duplicate id",
-    "QA aliases not a list", "QA not an object", "cache dir not writable", "half-built input", "judge model missing",
+    "QA aliases not a list", "QA not an object", "parquet row with a null text", "CSV without the answer column",
+    "sharegpt turn of an unknown role", "Hub id not in the local cache", "cache dir not writable", "half-built input", "judge model missing",
 ]
 
 

@@ -1,11 +1,12 @@
-"""Checkpoints on disk: what a model directory must hold (read as JSON before anything loads), and loading a
-tokenizer and a model (16-bit or 4-bit)."""
+"""Checkpoints on disk: where a model named by its Hub id sits in the local Hugging Face cache, what a model
+directory must hold (read as JSON before anything loads), and loading a tokenizer and a model (16-bit or 4-bit)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -15,6 +16,43 @@ import torch
 from pipeline.core.devices import check_4bit_support
 from pipeline.core.outputs import PipelineError
 
+# .../models--<org>--<name>/snapshots/<commit>: a checkpoint in the Hub's cache layout (huggingface_hub)
+SNAPSHOT = re.compile(r"models--(?P<repo>.+)/snapshots/(?P<commit>[0-9a-f]{40})$")
+
+
+def hub_snapshot(path: str | os.PathLike) -> Optional[tuple[str, str]]:
+    """(repo id, commit) when `path` is a snapshot directory of the Hugging Face cache, else None."""
+    m = SNAPSHOT.search(Path(path).absolute().as_posix())
+    return (m["repo"].replace("--", "/"), m["commit"]) if m else None
+
+
+def resolve_model_path(spec: str, key: str = "model.path") -> str:
+    """A model given as a local directory, or as a Hub id (`org/name`, optionally `@revision`: a branch, tag or
+    commit) found in the local Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub): the directory to read it from.
+
+    Nothing is ever downloaded (local_files_only, and HF_HUB_OFFLINE is set on import): a model that is not in the
+    cache is refused with the directory that was searched. A local directory always wins over a Hub id of the same
+    spelling; anything that is neither is returned as it is, for check_model_dir to refuse."""
+    if not spec or Path(spec).exists():
+        return spec
+    repo, _, revision = str(spec).partition("@")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return spec  # a path, not an id
+    cache = Path(constants.HF_HUB_CACHE)
+    try:
+        return snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        where = cache / f"models--{repo.replace('/', '--')}"
+        what = f"revision {revision!r} of {repo}" if revision and where.is_dir() else repo
+        raise PipelineError(f"{key}={spec}: no such directory, and {what} is not in the local Hugging Face cache "
+                            f"(searched {where}); nothing is downloaded: copy the model there or give its "
+                            f"directory") from None
 
 def check_model_dir(path: str | os.PathLike, key: str = "model.path") -> dict:
     """A local causal-LM checkpoint with safetensors weights; returns its config.json. Read as JSON, without loading

@@ -104,7 +104,9 @@ class DemoBuildConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = DEMO_MODEL_PATH  # local Hugging Face checkpoint directory (never a hub name)
+    # a local checkpoint directory, or a Hub id (org/name[@revision]) found in the local Hugging Face cache, never
+    # downloaded (checkpoints.resolve_model_path)
+    path: str = DEMO_MODEL_PATH
     # auto = float32 on CPU, bfloat16 on a GPU; also float32/bfloat16/float16
     dtype: str = key("auto", choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"))
     max_seq_length: int = key(128, ge=2)  # CPT block length and SFT max length
@@ -131,8 +133,15 @@ class ModelConfig:
 
 @dataclass
 class DataPath:
+    # A file, a directory or a glob: .txt/.md, .jsonl/.json, .csv, .parquet, .arrow or a save_to_disk directory
+    # (pipeline/core/data.py). The *_field keys name the columns where a table calls them otherwise; each is read
+    # only by the parts it fits, and the cache keys hash the records they select, not the names.
     path: Optional[str] = None
-    text_field: str = "text"  # the field holding a document in .jsonl CPT files
+    text_field: str = "text"  # a document, in tables of text (cpt, heldout, replay)
+    question_field: str = "question"  # QA tables (qa, general_qa, cpt_qa, dev_qa)
+    answer_field: str = "answer"
+    id_field: str = "id"
+    messages_field: str = "messages"  # SFT: the list of {role, content} turns (sharegpt's `conversations` is found too)
 
 
 @dataclass

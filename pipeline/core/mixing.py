@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from pipeline.core.outputs import PipelineError, example
-from pipeline.core.data import QAItem, iter_jsonl, load_qa, resolve_files
+from pipeline.core.data import QAItem, explicit_ids, load_qa, qa_fields, qa_source
 from pipeline.core.scoring import exact_match, normalize
 
 log = logging.getLogger(__name__)
@@ -23,30 +23,21 @@ log = logging.getLogger(__name__)
 
 # --- keeping extra QA files apart from the scored one -------------------------------------------------------------
 
-def _explicit_ids(spec: str, key: str) -> dict:
-    """The `id` fields as written in the file (load_qa invents `<stem>:<line>` ids for records without one, which
-    would collide between two files of the same name without meaning anything)."""
-    out = {}
-    for f in resolve_files(spec, key, (".jsonl",)):
-        for lineno, obj in iter_jsonl(f):
-            if "id" in obj:
-                out.setdefault(str(obj["id"]), f"{f}:{lineno}")
-    return out
-
-
-def load_disjoint_qa(spec: str, key: str, scored_spec: Optional[str], scored_key: str = "data.qa.path"
-                     ) -> List[QAItem]:
-    """Load the QA file at `spec` (config key `key`) and refuse it if it shares a question with the scored QA set,
+def load_disjoint_qa(spec, key: str, scored_spec, scored_key: str = "data.qa.path") -> List[QAItem]:
+    """Load the QA set `spec` (config key `key`) and refuse it if it shares a question with the scored QA set,
     by id or by question text after normalisation (pipeline/core/scoring.py: width, case, punctuation, numerals).
+    Each is a path or a config.DataPath (a path with its field-mapping keys).
 
     Training on, or early-stopping with, a scored question would measure the lever on its own training data.
     """
-    items = load_qa(spec, key=key)
+    spec, fields = qa_source(spec)
+    scored_spec, scored_fields = qa_source(scored_spec)
+    items = load_qa(spec, key=key, **fields)
     if not scored_spec:
         return items
-    scored = load_qa(scored_spec, key=scored_key)
-    scored_ids = _explicit_ids(scored_spec, scored_key)
-    for qid, where in _explicit_ids(spec, key).items():
+    scored = load_qa(scored_spec, key=scored_key, **scored_fields)
+    scored_ids = explicit_ids(scored_spec, scored_key, scored_fields.get("id_field", "id"))
+    for qid, where in explicit_ids(spec, key, fields.get("id_field", "id")).items():
         if qid in scored_ids:
             raise PipelineError(f"{key}={spec} and {scored_key}={scored_spec} share the question id {qid!r} ({where} "
                                 f"and {scored_ids[qid]}): keep the scored questions out of training data")
@@ -101,8 +92,8 @@ def leak_metrics(data, cpt, sft, stages: List[str]) -> Dict[str, int]:
         path = getattr(data, name).path
         if not on or not path:
             continue
-        scored = scored or load_qa(data.qa.path)
-        hits = shared_facts(load_qa(path, key=f"data.{name}.path"), scored)
+        scored = scored or load_qa(data.qa.path, **qa_fields(data.qa))
+        hits = shared_facts(load_qa(path, key=f"data.{name}.path", **qa_fields(getattr(data, name))), scored)
         out[f"leak/{name}_shared_facts"] = len(hits)
         if hits:
             log.warning("data.%s.path asks about %d facts of the scored QA set (same answer, similar question), e.g. "
@@ -128,17 +119,16 @@ def qa_documents(items: List[QAItem], share: float, template: str, seed: int) ->
                             f"({type(e).__name__}: {e})") from None
 
 
-def mix_qa_into_corpus(docs: List[str], share: float, template: str, qa_spec: Optional[str],
-                       scored_spec: Optional[str], seed: int) -> List[str]:
+def mix_qa_into_corpus(docs: List[str], share: float, template: str, qa_spec, scored_spec, seed: int) -> List[str]:
     """The CPT corpus with the QA pairs of `qa_spec` (data.cpt_qa.path) mixed in when cpt.qa_mix > 0."""
     if not share:
         return docs
-    if not qa_spec:
-        raise PipelineError(f"cpt.qa_mix={share:g} needs data.cpt_qa.path (a .jsonl of question/answer pairs, never "
+    if not qa_source(qa_spec)[0]:
+        raise PipelineError(f"cpt.qa_mix={share:g} needs data.cpt_qa.path (question/answer pairs like data.qa, never "
                             f"the scored QA set)")
     extra = qa_documents(load_disjoint_qa(qa_spec, "data.cpt_qa.path", scored_spec), share, template, seed)
-    log.info("CPT data: %d question-answer pairs from %s mixed into %d documents (cpt.qa_mix=%g), e.g. %s",
-             len(extra), qa_spec, len(docs), share, example(extra[0], 60) if extra else "-")
+    log.info("CPT data: %d question-answer pairs from %s mixed into the corpus (cpt.qa_mix=%g), e.g. %s",
+             len(extra), qa_source(qa_spec)[0], share, example(extra[0], 60) if extra else "-")
     return docs + extra
 
 
@@ -244,23 +234,23 @@ def trained_tokens(dataset, is_replay) -> tuple:
 def check_lever_inputs(sections: dict, stages: List[str]) -> None:
     """For run.validate: the files the data-side levers of this run read exist, parse, and stay apart from the
     scored QA set, before any training."""
-    from pipeline.core.data import load_cpt_documents
+    from pipeline.core.data import check_cpt_documents
 
     data, cpt, sft = sections["data"], sections["cpt"], sections["sft"]
     if "cpt" in stages and cpt.qa_mix:
         if not data.cpt_qa.path:
-            raise PipelineError(f"cpt.qa_mix={cpt.qa_mix:g} needs data.cpt_qa.path (a .jsonl of question/answer "
-                                f"pairs, never the scored QA set)")
-        qa_documents(load_disjoint_qa(data.cpt_qa.path, "data.cpt_qa.path", data.qa.path), cpt.qa_mix,
+            raise PipelineError(f"cpt.qa_mix={cpt.qa_mix:g} needs data.cpt_qa.path (question/answer pairs like "
+                                f"data.qa, never the scored QA set)")
+        qa_documents(load_disjoint_qa(data.cpt_qa, "data.cpt_qa.path", data.qa), cpt.qa_mix,
                      cpt.qa_template, 0)  # also renders qa_template once: a bad placeholder fails here
     if "sft" in stages and sft.replay_ratio:
         source, key = (data.replay, "data.replay.path") if data.replay.path else (data.cpt, "data.cpt.path")
         if not source.path:
             raise PipelineError(f"sft.replay_ratio={sft.replay_ratio:g}: no text to replay; set data.replay.path "
                                 f"(or data.cpt.path, its default)")
-        load_cpt_documents(source.path, source.text_field, key=key)
+        check_cpt_documents(source.path, source.text_field, key=key)
     if "sft" in stages and sft.early_stopping_patience:
         if not data.dev_qa.path:
             raise PipelineError(f"sft.early_stopping_patience={sft.early_stopping_patience}: needs a dev set, "
                                 f"data.dev_qa.path (domain questions kept out of data.qa.path)")
-        load_disjoint_qa(data.dev_qa.path, "data.dev_qa.path", data.qa.path)
+        load_disjoint_qa(data.dev_qa, "data.dev_qa.path", data.qa)

@@ -225,10 +225,11 @@ def filter_replies(jobs: List[dict], replies: List[str], docs: List[str], passag
     return kept, rejected, counts
 
 
-def scored_question_set(qa_path: Optional[str]) -> set:
-    from pipeline.core.data import load_qa
+def scored_question_set(qa_part) -> set:
+    """The scored questions (data.qa, read with its field keys), normalised: generated questions must not be one."""
+    from pipeline.core.data import load_qa, qa_fields
 
-    return {normalize(q.question) for q in load_qa(qa_path)} if qa_path else set()
+    return {normalize(q.question) for q in load_qa(qa_part.path, **qa_fields(qa_part))} if qa_part.path else set()
 
 
 # --- the stage -----------------------------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ def augment_corpus(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataCon
     out_dir = Path(out_dir)
     templates = load_templates(cfg)
     docs = load_cpt_documents(data_cfg.cpt.path, data_cfg.cpt.text_field, key="data.cpt.path")
-    scored = scored_question_set(data_cfg.qa.path)
+    scored = scored_question_set(data_cfg.qa)
     path = generator_path(cfg, model_cfg)
     gen = Generator(path, engine=cfg.engine, device=device, dtype=model_cfg.dtype, batch_size=cfg.batch_size,
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,

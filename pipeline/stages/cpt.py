@@ -12,12 +12,15 @@ cpt.save_steps steps; a run killed midway resumes from its last checkpoint (outp
 
 from __future__ import annotations
 
+import array
+import itertools
 import logging
 import math
 import random
+import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -26,10 +29,10 @@ from pipeline.core.checkpoints import count_4bit_linears, load_tokenizer
 from pipeline.core.training import count_trainable, final_loss, loss_summary, train_stage, training_arguments
 from pipeline.core.devices import resolve_device, resolve_dtype
 from pipeline.core.lineage import write_lineage
-from pipeline.core.outputs import resumable_output, write_json
+from pipeline.core.outputs import PipelineError, resumable_output, write_json
 from pipeline.core.config import CptConfig, DataConfig, DataPath, ModelConfig, cache_settings
 from pipeline.core.progress import attach_progress, loss_history
-from pipeline.core.data import load_cpt_documents
+from pipeline.core.data import iter_document_batches
 from pipeline.core.backend import add_lora, check_attn_implementation, load_for_training
 from pipeline.core.mixing import mix_qa_into_corpus
 from pipeline.core.modules import (add_tokens, embedding_rows, fit_embeddings, lora_scale, resolve_layers,
@@ -43,19 +46,39 @@ EMBEDDING_PARAM_MARKERS = ("modules_to_save", "trainable_tokens", "lora_embeddin
 
 class TokenizedCorpus:
     """Every document tokenized once and ended with EOS, stored as one int32 array plus per-document offsets: 4 bytes
-    a token, however many epochs read it (Python lists of ints cost a pointer and often an object per token)."""
+    a token, however many epochs read it (Python lists of ints cost a pointer and often an object per token).
 
-    def __init__(self, docs: List[str], tokenizer, chunk: int = 256):
+    `docs` may be any iterable (a generator streaming a corpus from its Arrow files): it is tokenized `chunk`
+    documents at a time with the fast tokenizer's batch call. With `path`, the ids are appended to that file as they
+    come and then memory-mapped, so neither the text nor the ids of a corpus of gigabytes are ever held in memory
+    whole, and never twice (benchmarks/corpus_scale.py measures it)."""
+
+    def __init__(self, docs: Iterable[str], tokenizer, chunk: int = 256, path: Optional[Path] = None):
         eos = tokenizer.eos_token_id
-        pieces = []
-        for start in range(0, len(docs), chunk):  # batched: fewer calls into the tokenizer, bounded memory
-            for ids in tokenizer(docs[start:start + chunk], verbose=False)["input_ids"]:
-                if not ids or ids[-1] != eos:
-                    ids = [*ids, eos]
-                pieces.append(np.asarray(ids, dtype=np.int32))
-        self.lengths = np.array([len(x) for x in pieces], dtype=np.int64)
+        pieces, lengths = [], array.array("q")  # 8 bytes a document (a list: 36)
+        sink = open(path, "wb") if path is not None else None
+        try:
+            docs = iter(docs)
+            while batch := list(itertools.islice(docs, chunk)):
+                ids_batch = [ids if ids and ids[-1] == eos else [*ids, eos]
+                             for ids in tokenizer(batch, verbose=False)["input_ids"]]
+                sizes = [len(ids) for ids in ids_batch]
+                lengths.extend(sizes)
+                # one array per batch, straight from the lists (an array per document costs more than the copy)
+                ids = np.fromiter(itertools.chain.from_iterable(ids_batch), dtype=np.int32, count=sum(sizes))
+                if sink is not None:
+                    ids.tofile(sink)
+                else:
+                    pieces.append(ids)
+        finally:
+            if sink is not None:
+                sink.close()
+        self.lengths = np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-        self.tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        if path is not None and self.lengths.sum():
+            self.tokens = np.memmap(path, dtype=np.int32, mode="r", shape=(int(self.lengths.sum()),))
+        else:
+            self.tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
     @property
     def documents(self) -> int:
@@ -171,18 +194,25 @@ def param_groups(model, cfg: CptConfig):
 def key_material(cfg: CptConfig, data_cfg: DataConfig, seed: int) -> dict:
     """What the CPT adapter depends on besides the base model (run.py adds the model settings): the settings, the
     seed, and every file train_cpt reads — the corpus and, with cpt.qa_mix, the QA pairs mixed into it."""
-    from pipeline.cache import fingerprint_files
-    from pipeline.core.data import CPT_SUFFIXES, resolve_files
+    from pipeline.core.data import fingerprint_documents, fingerprint_qa, qa_fields
 
-    return {"cpt": cache_settings(cfg), "seed": seed, "text_field": data_cfg.cpt.text_field,
-            "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES)),
-            "cpt_qa": fingerprint_files(resolve_files(data_cfg.cpt_qa.path, "data.cpt_qa.path", (".jsonl",)))
+    # The documents and pairs as train_cpt reads them, whatever the files' format: the same records reuse the stage.
+    return {"cpt": cache_settings(cfg), "seed": seed,
+            "data": fingerprint_documents(data_cfg.cpt.path, data_cfg.cpt.text_field, "data.cpt.path"),
+            "cpt_qa": fingerprint_qa(data_cfg.cpt_qa.path, "data.cpt_qa.path", **qa_fields(data_cfg.cpt_qa))
             if cfg.qa_mix else None}
 
 
+def corpus_documents(data_cfg: DataPath, extra: List[str]) -> Iterator[str]:
+    """The corpus streamed from its files in order (one batch of text in memory at a time), then `extra`."""
+    for batch in iter_document_batches(data_cfg.path, data_cfg.text_field, key="data.cpt.path"):
+        yield from batch
+    yield from extra
+
+
 def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: int, out_dir: str | Path,
-              device: str = "auto", backend: str = "hf", qa_pairs: str | None = None,
-              scored_qa: str | None = None, augmented: str | None = None) -> Path:
+              device: str = "auto", backend: str = "hf", qa_pairs: Optional[DataPath | str] = None,
+              scored_qa: Optional[DataPath | str] = None, augmented: str | None = None) -> Path:
     """Train a CPT LoRA adapter on `data_cfg.path`; returns `out_dir` holding the adapter and tokenizer.
 
     With cpt.qa_mix > 0, the QA pairs of `qa_pairs` (data.cpt_qa.path) join the documents; they must not share a
@@ -193,14 +223,13 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
     dev = resolve_device(device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
     check_attn_implementation(cfg.attn_implementation, dev, "cpt.attn_implementation")
-    docs = load_cpt_documents(data_cfg.path, data_cfg.text_field, key="data.cpt.path")
-    docs = mix_qa_into_corpus(docs, cfg.qa_mix, cfg.qa_template, qa_pairs, scored_qa, seed)  # cpt.qa_mix (PIT-style)
+    extra = mix_qa_into_corpus([], cfg.qa_mix, cfg.qa_template, qa_pairs, scored_qa, seed)  # cpt.qa_mix (PIT-style)
     if augmented:  # the augment stage's kept texts: more documents, shuffled with the originals in every packing
         from pipeline.stages.augment import load_augmented
 
-        extra = load_augmented(augmented, cfg.qa_template)
-        log.info("CPT data: %d generated texts from the augment stage added to %d documents", len(extra), len(docs))
-        docs = docs + extra
+        generated = load_augmented(augmented, cfg.qa_template)
+        log.info("CPT data: %d generated texts from the augment stage join the corpus", len(generated))
+        extra = extra + generated
     tok = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
 
     set_seed(seed)
@@ -222,17 +251,19 @@ def train_cpt(cfg: CptConfig, model_cfg: ModelConfig, data_cfg: DataPath, seed: 
              ",".join(tokens) if tokens else "-", trainable, total, 100 * trainable / total,
              "; base weights in 4-bit (QLoRA)" if model_cfg.load_in_4bit else "", backend)
 
-    corpus = TokenizedCorpus(docs, tok)  # (tokenized after the vocabulary is final: added tokens are split on)
-    n_docs = len(docs)
-    del docs  # the token ids are all the packing needs
-    probe = PackedEpochs(corpus, model_cfg.max_seq_length, seed, 1)
-    passes = packings_needed(cfg, probe.blocks_per_epoch)
-    dataset = PackedEpochs(corpus, model_cfg.max_seq_length, seed, passes)
-    log.info("CPT data: %d documents, %d tokens -> %d blocks of <=%d tokens per epoch, re-packed for each of %d "
-             "epochs", n_docs, corpus.total_tokens, dataset.blocks_per_epoch, model_cfg.max_seq_length, passes)
-
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate)
-    with resumable_output(out_dir) as build:
+    with resumable_output(out_dir) as build, tempfile.TemporaryDirectory(dir=build) as scratch:
+        # Tokenized after the vocabulary is final (added tokens are split on), into a file of the build directory
+        # that goes when the stage is published.
+        corpus = TokenizedCorpus(corpus_documents(data_cfg, extra), tok, path=Path(scratch) / "corpus.int32")
+        n_docs = corpus.documents
+        if not n_docs:
+            raise PipelineError(f"data.cpt.path={data_cfg.path}: the corpus is empty (all documents are blank)")
+        probe = PackedEpochs(corpus, model_cfg.max_seq_length, seed, 1)
+        passes = packings_needed(cfg, probe.blocks_per_epoch)
+        dataset = PackedEpochs(corpus, model_cfg.max_seq_length, seed, passes)
+        log.info("CPT data: %d documents, %d tokens -> %d blocks of <=%d tokens per epoch, re-packed for each of %d "
+                 "epochs", n_docs, corpus.total_tokens, dataset.blocks_per_epoch, model_cfg.max_seq_length, passes)
         # One pass over the dataset is `passes` epochs; read in order, so that the epochs come one after another.
         args = training_arguments(TrainingArguments, cfg, build / "trainer", dev, dtype, seed, backend,
                                   num_train_epochs=cfg.num_epochs / passes, train_sampling_strategy="sequential")

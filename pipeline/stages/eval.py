@@ -56,14 +56,16 @@ MODEL_NAMES = ("base", "cpt", "sft")
 
 def key_material(cfg: EvalConfig, data_cfg: DataConfig) -> dict:
     """What the scores depend on besides the models (run.py adds those): the settings and every file read here."""
-    from pipeline.cache import fingerprint_files, fingerprint_model
-    from pipeline.core.data import CPT_SUFFIXES, resolve_files
+    from pipeline.cache import fingerprint_model
+    from pipeline.core.data import fingerprint_documents, fingerprint_qa, qa_fields
 
     out = {"eval": cache_settings(cfg), "judge": fingerprint_model(cfg.judge_path) if cfg.judge_path else None}
-    for name, suffixes in (("qa", (".jsonl",)), ("general_qa", (".jsonl",)), ("heldout", CPT_SUFFIXES)):
+    for name in ("qa", "general_qa"):  # the records as scored, whatever the format (core/data.py)
         part = getattr(data_cfg, name)
-        out[name] = fingerprint_files(resolve_files(part.path, f"data.{name}.path", suffixes)) if part.path else None
-    out["heldout_text_field"] = data_cfg.heldout.text_field if data_cfg.heldout.path else None
+        out[name] = fingerprint_qa(part.path, f"data.{name}.path", **qa_fields(part)) if part.path else None
+    heldout = data_cfg.heldout
+    out["heldout"] = fingerprint_documents(heldout.path, heldout.text_field, "data.heldout.path") \
+        if heldout.path else None
     return out
 
 
@@ -346,17 +348,19 @@ def evaluate(cfg: EvalConfig, model_cfg: ModelConfig, qa_path: str, models: Dict
     by side, with the question's transition base → CPT → SFT), lost_questions.jsonl (learned by CPT, lost after SFT)
     and eval_metrics.json to `out_dir`.
     """
-    from pipeline.core.data import load_cpt_documents
+    from pipeline.core.data import load_cpt_documents, qa_source
 
     if cfg.headline_metric not in HEADLINE_METRICS:
         raise PipelineError(f"eval.headline_metric={cfg.headline_metric!r}: use one of {', '.join(HEADLINE_METRICS)}")
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
-    qa = load_qa(qa_path)
+    qa_file, fields = qa_source(qa_path)  # a path, or a config.DataPath with its field-mapping keys
+    qa = load_qa(qa_file, **fields)
     if cfg.max_questions:
         qa = qa[: cfg.max_questions]
-    general = load_qa(general_qa_path, key="data.general_qa.path") if general_qa_path else []
+    general_file, fields = qa_source(general_qa_path)
+    general = load_qa(general_file, key="data.general_qa.path", **fields) if general_file else []
     heldout = load_cpt_documents(heldout_path, heldout_text_field, key="data.heldout.path") if heldout_path else []
     per_model: Dict[str, List[dict]] = {}
     per_model_general: Dict[str, List[dict]] = {}

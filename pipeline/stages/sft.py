@@ -29,7 +29,7 @@ from pipeline.core.training import count_trainable, final_loss, loss_summary, tr
 from pipeline.core.devices import resolve_device, resolve_dtype
 from pipeline.core.config import DataConfig, DataPath, ModelConfig, SftConfig, cache_settings
 from pipeline.core.progress import attach_progress, loss_history
-from pipeline.core.data import load_cpt_documents, load_sft_records
+from pipeline.core.data import load_cpt_documents, load_sft_records, qa_source
 from pipeline.core.backend import add_lora, check_attn_implementation, load_for_training
 from pipeline.core.mixing import load_disjoint_qa, replay_records, replay_token_target, trained_tokens
 from pipeline.core.modules import (add_tokens, embedding_rows, lora_scale, resolve_layers, resolve_targets,
@@ -83,10 +83,10 @@ def _replay_rows(cfg: SftConfig, rows: List[dict], tok, max_length: int, replay:
     return extra
 
 
-def _dev_rows(dev_qa: Optional[str], scored_qa: Optional[str], tok, prompt_template: str) -> List[dict]:
+def _dev_rows(dev_qa, scored_qa, tok, prompt_template: str) -> List[dict]:
     """The SFT dev set (data.dev_qa.path): domain questions with their gold answers, asked as SFT asks, never one of
     the scored questions (data.qa.path)."""
-    if not dev_qa:
+    if not qa_source(dev_qa)[0]:
         raise PipelineError("sft.early_stopping_patience: needs a dev set, data.dev_qa.path (domain questions kept "
                             "out of data.qa.path)")
     items = load_disjoint_qa(dev_qa, "data.dev_qa.path", scored_qa)
@@ -113,21 +113,21 @@ def key_material(cfg: SftConfig, data_cfg: DataConfig, seed: int) -> dict:
     """What the SFT adapter depends on besides the model it trains on (run.py adds that and the model settings): the
     settings, the seed, and every file train_sft reads — the SFT set, the replayed text (sft.replay_ratio) and the
     dev set (sft.early_stopping_patience)."""
-    from pipeline.cache import fingerprint_files
-    from pipeline.core.data import CPT_SUFFIXES, resolve_files
+    from pipeline.core.data import fingerprint_documents, fingerprint_qa, fingerprint_sft, qa_fields
 
-    replay = data_cfg.replay if data_cfg.replay.path else data_cfg.cpt
+    # The records as train_sft reads them, whatever the format: the same records elsewhere reuse the stage.
+    replay, dev = (data_cfg.replay if data_cfg.replay.path else data_cfg.cpt), data_cfg.dev_qa
     return {"sft": cache_settings(cfg), "seed": seed,
-            "data": fingerprint_files(resolve_files(data_cfg.sft.path, "data.sft.path", (".jsonl",))),
-            "replay": [fingerprint_files(resolve_files(replay.path, "data.replay.path", CPT_SUFFIXES)),
-                       replay.text_field] if cfg.replay_ratio else None,
-            "dev_qa": fingerprint_files(resolve_files(data_cfg.dev_qa.path, "data.dev_qa.path", (".jsonl",)))
-            if cfg.early_stopping_patience and data_cfg.dev_qa.path else None}
+            "data": fingerprint_sft(data_cfg.sft.path, "data.sft.path", data_cfg.sft.messages_field),
+            "replay": fingerprint_documents(replay.path, replay.text_field, "data.replay.path")
+            if cfg.replay_ratio else None,
+            "dev_qa": fingerprint_qa(dev.path, "data.dev_qa.path", **qa_fields(dev))
+            if cfg.early_stopping_patience and dev.path else None}
 
 
 def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_model_dir: str | Path, seed: int,
               out_dir: str | Path, device: str = "auto", backend: str = "hf", replay: Optional[DataPath] = None,
-              dev_qa: Optional[str] = None, scored_qa: Optional[str] = None) -> Path:
+              dev_qa: Optional[DataPath] = None, scored_qa: Optional[DataPath] = None) -> Path:
     """Train an SFT LoRA adapter on the CPT model at `cpt_model_dir`; returns `out_dir` with adapter + tokenizer.
 
     `replay`: where sft.replay_ratio draws its text; `dev_qa`: the dev set of sft.early_stopping_patience;
@@ -140,7 +140,7 @@ def train_sft(cfg: SftConfig, model_cfg: ModelConfig, data_cfg: DataPath, cpt_mo
     dev = resolve_device(device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
     check_attn_implementation(cfg.attn_implementation, dev, "sft.attn_implementation")
-    records = load_sft_records(data_cfg.path, key="data.sft.path")
+    records = load_sft_records(data_cfg.path, key="data.sft.path", messages_field=data_cfg.messages_field)
     tok = load_tokenizer(cpt_model_dir, model_cfg.trust_remote_code)
     apply_chat_template_override(tok, model_cfg)
     rows = [to_prompt_completion(m, tok, model_cfg.prompt_template) for m in records]
