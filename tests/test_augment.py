@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import tiny_overrides, write_jsonl
-from pipeline.core.config import AugmentConfig
+from pipeline.core.config import AugmentConfig, DataPath
 from pipeline.core.outputs import PipelineError
 from pipeline.stages.augment import (augment_corpus, filter_replies, load_augmented, load_templates, numbers,
                                      parse_qa, scored_question_set, split_passages)
@@ -89,7 +89,7 @@ def test_a_looping_reply_is_dropped():
 def test_a_scored_question_is_dropped_after_normalisation(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"id": "q1", "question": "P-101の定格能力は何トンですか？",
                                                "answer": "880トン"}])
-    scored = scored_question_set(str(qa))
+    scored = scored_question_set(DataPath(str(qa)))  # data.qa with its default field keys
     kept, rejected, counts = run_filters([
         ("qa", "質問: Ｐ－１０１の定格能力は何トンですか?\n答え: 880トン"),   # full width, ASCII question mark
         ("qa", "質問: P-101は最大何トンまで加圧できますか？\n答え: 880トン")], scored=scored)

@@ -237,8 +237,8 @@ def scored_question_set(qa_part) -> set:
 def key_material(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, dtype: str) -> dict:
     """What the augmented text depends on: the generator (by its files), its dtype, the settings and seed, every
     strategy's prompt template (by content), the corpus, and the scored questions the test-question filter drops."""
-    from pipeline.cache import fingerprint_files, fingerprint_model
-    from pipeline.core.data import CPT_SUFFIXES, resolve_files
+    from pipeline.cache import fingerprint_model
+    from pipeline.core.data import fingerprint_documents, fingerprint_qa, qa_fields
 
     templates = {name: template_file(cfg, name).read_text(encoding="utf-8") if template_file(cfg, name).is_file()
                  else None for name, n in cfg.strategies.items() if n}
@@ -247,9 +247,9 @@ def key_material(cfg: AugmentConfig, model_cfg: ModelConfig, data_cfg: DataConfi
     settings.pop("prompts_dir")  # the templates by their contents
     return {"augment": settings, "seed": seed, "generator": fingerprint_model(generator_path(cfg, model_cfg)),
             "generator_dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code, "templates": templates,
-            "text_field": data_cfg.cpt.text_field,
-            "data": fingerprint_files(resolve_files(data_cfg.cpt.path, "data.cpt.path", CPT_SUFFIXES)),
-            "scored_qa": fingerprint_files(resolve_files(data_cfg.qa.path, "data.qa.path", (".jsonl",)))
+            # the records as read, whatever their format or field names (pipeline/core/data.py)
+            "data": fingerprint_documents(data_cfg.cpt.path, data_cfg.cpt.text_field, "data.cpt.path"),
+            "scored_qa": fingerprint_qa(data_cfg.qa.path, "data.qa.path", **qa_fields(data_cfg.qa))
             if data_cfg.qa.path else None}
 
 
