@@ -56,6 +56,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import pipeline  # noqa: F401  (sets the offline environment before any Hugging Face import)
 
 from pipeline.core.data import QAItem
+from pipeline.core.grounding import question_in_quote, subject
 from pipeline.core.outputs import PipelineError, write_json
 from pipeline.core.scoring import contains, normalize
 
@@ -223,42 +224,6 @@ def quote_score(quote: str, document: str) -> float:
 
     q = normalize(quote)
     return fuzz.partial_ratio(q, normalize(document)) if q else 0.0
-
-
-def subject(question: str, quote: str) -> str:
-    """What the question asks about, as its quote names it: the longest run of the normalised question without
-    hiragana (a name or term; four characters or more if all Latin) that the normalised quote contains, one with a
-    digit first (an identifier such as `P-101`); "" when they share none."""
-    q, text = normalize(question), normalize(quote)
-    best = ""
-    for run in re.findall(r"[^\u3041-\u309f\s]{2,}", q):
-        for size in range(len(run), 1, -1):
-            found = [run[i:i + size] for i in range(len(run) - size + 1) if run[i:i + size] in text
-                     and (size >= 4 or not run[i:i + size].isascii())]
-            if found:
-                piece = max(found, key=lambda x: any(c.isdigit() for c in x))
-                if (any(c.isdigit() for c in piece), len(piece)) > (any(c.isdigit() for c in best), len(best)):
-                    best = piece
-                break
-    return best
-
-
-def question_in_quote(question: str, quote: str) -> bool:
-    """The question asks about what its quote names: every number of the question is in the quote (`P-24` is not
-    `P-101`, compared as the scorer compares numbers), every identifier too (a name with a digit, `CNC-3` is not
-    `炉-3`; a counter after its number is left out: `2021年に` matches `2021年10月`), and the two share a name or term
-    (subject)."""
-    from pipeline.stages.augment import numbers
-
-    q, text = normalize(question), normalize(quote)
-    identifiers = [run for run in re.findall(r"[^\u3041-\u309f\s]+", q) if any(c.isdigit() for c in run)
-                   and not re.search(r"\W", run)]  # CNC-3 (cnc3) is not 炉-3 (炉3), though both hold a 3
-    ids_named = all(re.sub(r"(?<=\d)[^\d]+$", "", run) in text for run in identifiers)
-    # A Japanese question names its topic first (`天野雅史は…`, `P-101の…`): that name must be the quote's, or the
-    # question asks about someone else in the quote's words (`久遠正樹の役職` from `天野雅史の役職は主任です`).
-    topic = next((run for run in re.findall(r"[^\u3041-\u309f\s]{2,}", q) if not re.search(r"[何誰]", run)), "")
-    topic_named = topic.isascii() or topic in text
-    return not numbers(question) - numbers(quote) and ids_named and topic_named and bool(subject(question, quote))
 
 
 def _hiragana(ch: str) -> bool:

@@ -59,6 +59,16 @@ def test_an_answer_absent_from_the_source_is_dropped():
     assert counts["qa"] == {**counts["qa"], "generated": 2, "kept": 1, "ungrounded": 1}
 
 
+def test_a_question_about_something_the_passage_does_not_name_is_dropped():
+    # The demo generator's failure: a pair about its own training world, with a value the passage happens to hold.
+    kept, rejected, counts = run_filters([
+        ("qa", "質問: CNC-14の定格能力は何トンですか？\n答え: 880トン"),   # another machine
+        ("qa", "質問: 柊健吾の点検時間は？\n答え: 15分"),                 # another topic
+        ("qa", "質問: P-101の定格能力は何トンですか？\n答え: 880トン")])
+    assert reasons(rejected) == ["off_topic", "off_topic"] and counts["qa"]["off_topic"] == 2
+    assert [k["question"] for k in kept] == ["P-101の定格能力は何トンですか？"]
+
+
 def test_a_reply_without_a_question_and_answer_is_unparsed():
     _, rejected, counts = run_filters([("qa", "P-101は880トンのプレス機です。")])
     assert reasons(rejected) == ["unparsed"] and counts["qa"]["generated"] == 0
@@ -164,7 +174,7 @@ def test_the_stage_writes_kept_texts_and_counts_per_strategy(tiny_model, data_fi
     for name in ("qa", "rewrite"):
         c = stats["strategies"][name]
         assert c["prompts"] == stats["passages"]
-        dropped = sum(c[r] for r in ("test_question", "ungrounded", "unfaithful", "duplicate"))
+        dropped = sum(c[r] for r in ("test_question", "ungrounded", "off_topic", "unfaithful", "duplicate"))
         assert c["kept"] + dropped == c["generated"] and c["generated_tokens"] > 0
     kept = [json.loads(x) for x in (out / "augmented.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(kept) == stats["kept"]

@@ -18,6 +18,9 @@ Filters, in this order (the first that fails names the reason; counts per strate
   (pipeline/core/scoring.py): training on it would measure the model on its own training data;
 - ungrounded: a QA answer that its passage does not contain (scoring.contains: numbers compared whole); the
   passage, not the whole document: an answer found elsewhere in the document may answer another question;
+- off_topic: a QA question about something its passage does not name (a number, an identifier or the Japanese
+  topic the passage lacks: `CNC-14の点検周期` from a passage on `CNC-3`; pipeline/core/grounding.py, the rule
+  pipeline.draft_qa uses): a grounded answer under another entity's question teaches a wrong fact;
 - unfaithful: a number in the generated text that its source document never states, compared after the scorer's
   normalisation (`880t` = `八百八十トン` = `880トン`; `15` is not `5`), when augment.faithfulness is on;
 - duplicate: a text whose normalised form is at least augment.dedup_similarity (rapidfuzz ratio, 0-100) similar to
@@ -42,13 +45,14 @@ from typing import Dict, List, Optional, Tuple
 
 from pipeline.core.config import AugmentConfig, DataConfig, ModelConfig, cache_settings
 from pipeline.core.outputs import PipelineError, example, resumable_output, write_json
+from pipeline.core.grounding import numbers, question_in_quote
 from pipeline.core.scoring import contains, normalize
 
 log = logging.getLogger(__name__)
 
 AUGMENTED_FILE = "augmented.jsonl"
 REPLIES_FILE = "replies.jsonl"  # in the build directory's kept folder: every finished batch's replies
-REASONS = ("unparsed", "repetitive", "test_question", "ungrounded", "unfaithful", "duplicate")
+REASONS = ("unparsed", "repetitive", "test_question", "ungrounded", "off_topic", "unfaithful", "duplicate")
 
 
 # --- prompts and passages ------------------------------------------------------------------------------------------
@@ -119,18 +123,11 @@ def split_passages(doc: str, count_tokens, max_tokens: int) -> List[str]:
 
 _QA = re.compile(r"(?:質問|問題|問い|question|q)\s*[:：]\s*(?P<q>[^\n]+?)\s*\n+\s*(?:答え|回答|答|answer|a)\s*[:：]\s*"
                  r"(?P<a>[^\n]+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:[.:]\d+)*")
 
 
 def parse_qa(reply: str) -> List[Tuple[str, str]]:
     """The question-answer pairs of a `qa` reply: a question line followed by an answer line."""
     return [(m["q"].strip(), m["a"].strip()) for m in _QA.finditer(reply) if m["q"].strip() and m["a"].strip()]
-
-
-def numbers(text: str) -> set:
-    """Every number of `text` in the scorer's canonical form (kanji numerals, widths, thousands commas and units
-    resolved by scoring.normalize: `八百八十トン`, `８８０t` and `880トン` all give {"880"})."""
-    return set(_NUMBER.findall(normalize(text)))
 
 
 def unfaithful_numbers(text: str, source_numbers: set) -> set:
@@ -211,6 +208,8 @@ def filter_replies(jobs: List[dict], replies: List[str], docs: List[str], passag
                 reason = "test_question"
             elif "answer" in item and not is_grounded(item["answer"], passages[d][job["passage"]]):
                 reason = "ungrounded"
+            elif "question" in item and not question_in_quote(item["question"], passages[d][job["passage"]]):
+                reason = "off_topic"
             elif cfg.faithfulness and unfaithful_numbers(text, doc_numbers[d]):
                 reason = "unfaithful"
             elif dedup.seen(text):
