@@ -24,8 +24,7 @@ from pipeline.core.data import QAItem
 from pipeline.core.lineage import LINEAGE_FILE, check_input, write_lineage
 from pipeline.core.outputs import COMPLETE_MARKER, PipelineError
 from pipeline.core.prompts import check_format
-from pipeline.run import run_and_report
-from test_validation import _compose, _published, _write, no_model_loading  # noqa: F401 (a fixture)
+from test_validation import _compose, _write, assert_refused_up_front, no_model_loading  # noqa: F401 (a fixture)
 
 
 def _copy(model: Path, tmp: Path, name: str, edit=None) -> Path:
@@ -217,17 +216,7 @@ def test_the_case_list_is_complete(case_table):
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_refused_up_front(case, case_table, tiny_model, data_files, tmp_path, capsys, no_model_loading):
-    overrides, pattern = case_table[1][case]
-    cache = tmp_path / "cache"
-    cfg = _compose(tiny_overrides(tiny_model, data_files, **{"cache.dir": cache, **overrides}))
-    run_dir = tmp_path / "run"
-    status = run_and_report(cfg, run_dir)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert status == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert re.search(pattern, err[0][len("error: "):]), err[0]
-    assert _published(cache) == [] and not any((run_dir / d).exists() for d in
-                                               ("cpt_adapter", "cpt_model", "sft_adapter", "metrics.json"))
+    assert_refused_up_front(*case_table[1][case], tiny_model, data_files, tmp_path, capsys)
 
 
 # --- the rules behind the cases, one by one --------------------------------------------------------------------

@@ -170,9 +170,8 @@ def test_the_case_list_is_complete(tmp_path, tiny_model):
     assert sorted(CASE_NAMES) == sorted(cases(tmp_path, tiny_model)) and len(CASE_NAMES) >= 25
 
 
-@pytest.mark.parametrize("case", CASE_NAMES)
-def test_bad_input_is_refused_up_front(case, tiny_model, data_files, tmp_path, capsys, no_model_loading):
-    overrides, pattern = cases(tmp_path, tiny_model)[case]
+def assert_refused_up_front(overrides: dict, pattern: str, tiny_model, data_files, tmp_path, capsys):
+    """The run with `overrides` exits 2 with one line `error: <pattern>` and publishes nothing."""
     cache = tmp_path / "cache"
     cfg = _compose(tiny_overrides(tiny_model, data_files, **{"cache.dir": cache, **overrides}))
     run_dir = tmp_path / "run"
@@ -183,6 +182,11 @@ def test_bad_input_is_refused_up_front(case, tiny_model, data_files, tmp_path, c
     assert re.search(pattern, err[0][len("error: "):]), err[0]
     assert _published(cache) == [] and not any((run_dir / d).exists() for d in
                                                ("cpt_adapter", "cpt_model", "sft_adapter", "metrics.json"))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_is_refused_up_front(case, tiny_model, data_files, tmp_path, capsys, no_model_loading):
+    assert_refused_up_front(*cases(tmp_path, tiny_model)[case], tiny_model, data_files, tmp_path, capsys)
 
 
 def test_disk_full_during_a_save_publishes_nothing(tiny_model, data_files, tmp_path, capsys, monkeypatch):
