@@ -40,7 +40,7 @@ SIZES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=7168, num_attention_heads=16,
                vocab_size=99584),
 }
-STAGES = ("cpt", "merge", "sft", "eval")
+STAGES = ("cpt", "merge", "sft", "eval", "export")
 GB = 1e9
 
 
@@ -102,7 +102,8 @@ def run_stage(root: Path, run_dir: Path, overrides: list, log: Path) -> dict:
 
 def import_baseline(root: Path) -> int:
     """Peak RSS of a process that only imports what a stage imports: the part of every peak no model causes."""
-    code = "import pipeline.run, pipeline.stages.cpt, pipeline.stages.merge, pipeline.stages.sft, pipeline.stages.eval, peft, trl"
+    code = ("import pipeline.run, pipeline.stages.cpt, pipeline.stages.merge, pipeline.stages.sft, "
+            "pipeline.stages.eval, pipeline.stages.export, peft, trl")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -137,7 +138,10 @@ def bench_size(size: str, args, work: Path, baseline: int) -> dict:
     inputs = {"merge": [f"inputs.cpt_adapter={runs / 'cpt' / 'cpt_adapter'}"],
               "sft": [f"inputs.cpt_model={runs / 'merge' / 'cpt_model'}"],
               "eval": [f"inputs.cpt_model={runs / 'merge' / 'cpt_model'}",
-                       f"inputs.sft_adapter={runs / 'sft' / 'sft_adapter'}"]}
+                       f"inputs.sft_adapter={runs / 'sft' / 'sft_adapter'}"],
+              # the final merge into one checkpoint, in the checkpoint's dtype (no GGUF: the converter is optional)
+              "export": [f"inputs.cpt_model={runs / 'merge' / 'cpt_model'}",
+                         f"inputs.sft_adapter={runs / 'sft' / 'sft_adapter'}", "export.gguf=[]"]}
     result = {"size": size, "parameters": n, "fp32_bytes": fp32, "dtype": args.dtype, "stages": {}}
     for stage in args.stages:
         run_dir = runs / stage

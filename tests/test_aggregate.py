@@ -420,6 +420,9 @@ def test_differences_are_one_holm_family_per_metric(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "## Every cell vs the baseline" in md and "## What this QA set can detect" in md
     assert "| 64 | sft/contains | +0.000 |" in md
+    # the cell equal to the baseline has no spread to take a median of, but it is one of Holm's two comparisons
+    assert "the median over the 1 comparisons with the baseline that differ from it at all" in md
+    assert "at Holm's first step over 2 comparisons (0.05/2)" in md
 
 
 def test_exported_columns_and_the_leak_flag(tmp_path):

@@ -556,11 +556,14 @@ def differences_table(jobs: List[dict], keys: List[str], baseline: Optional[str]
                "baseline_how": f"--baseline {baseline}" if baseline else
                f"the sweep's first cell, job {cells[base_cell][0]['job']}; choose another with --baseline",
                "rows": [r for r in rows if tuple(r.get(k) for k in cell_keys) == best] if best != base_cell else []}
-    sds = [r["sd_per_question"] for r in rows if r["metric"] == f"sft/{headline}" and r.get("sd_per_question")]
+    family = [r for r in rows if r["metric"] == f"sft/{headline}"]
+    # the spread of the comparisons that differ at all (a cell identical to the baseline has none); Holm's first
+    # step divides by the whole family, as the verdicts do
+    sds = [r["sd_per_question"] for r in family if r.get("sd_per_question")]
     if sds:
-        sd, n, k = float(np.median(sds)), int(rows[0]["n_questions"]), len(sds)
+        sd, n, k = float(np.median(sds)), int(rows[0]["n_questions"]), len(family)
         summary["power"] = {
-            "metric": f"sft/{headline}", "sd_per_question": sd, "n_questions": n, "k": k,
+            "metric": f"sft/{headline}", "sd_per_question": sd, "n_questions": n, "k": k, "n_sd": len(sds),
             "mdd": minimum_detectable_difference(sd, n), "mdd_holm": minimum_detectable_difference(sd, n, ALPHA / k),
             "needed": {delta: (questions_needed(sd, delta), questions_needed(sd, delta, ALPHA / k))
                        for delta in (0.05, 0.10)}}
