@@ -46,6 +46,22 @@ def test_every_experiment_composes(experiment):
         check_ranges(typed(cfg, section), section)
 
 
+@pytest.mark.parametrize("config", [f"+experiment={e}" for e in options("experiment")] +
+                         [f"+lever={lever}" for lever in options("lever")])
+def test_no_shipped_dev_set_asks_about_the_scored_facts(config):
+    """Early stopping chooses its checkpoint on data.dev_qa: a shipped experiment or lever whose dev set asks about
+    the demo's scored facts would select on the test answers (lever_search once read the qa_mix pairs, 63 faq facts
+    with their gold answers). The fact-level check is the one runs report as leak/dev_qa_shared_facts."""
+    from pipeline.core.data import load_qa
+    from pipeline.core.mixing import shared_facts
+
+    cfg = composed(config)
+    if not cfg.data.dev_qa.path:
+        pytest.skip("no dev set")
+    root = CONF.parent
+    assert shared_facts(load_qa(str(root / cfg.data.dev_qa.path)), load_qa(str(root / cfg.data.qa.path))) == []
+
+
 @pytest.mark.parametrize("preset", options("hardware"))
 def test_every_hardware_preset_composes(preset):
     cfg = composed("model=llm_jp_3", f"+hardware={preset}", *USER_KEYS)
