@@ -222,9 +222,17 @@ def plot(df, objectives: Sequence[Objective], path: Path, references=None, title
     if references is not None and not references.empty and x in references and y in references:
         ax.scatter(num(references[x]), num(references[y]), marker="s", color="tab:green", alpha=0.7,
                    label="reference")
-        for _, r in references.iterrows():
-            ax.annotate(str(r.get("label", "")), (r[x], r[y]), textcoords="offset points", xytext=(4, -9),
-                        fontsize=7, color="tab:green")
+        # points at the same place (a lever identical to the baseline) get one label naming them all
+        # and a label next to an earlier one goes above its point instead of below
+        labels = references.assign(_x=num(references[x]), _y=num(references[y])).groupby(["_x", "_y"], sort=False)
+        span_x = float(num(references[x]).max() - num(references[x]).min()) or 1.0
+        span_y = float(num(references[y]).max() - num(references[y]).min()) or 1.0
+        placed = []
+        for (px, py), same in labels:
+            near = any(abs(px - qx) < 0.15 * span_x and abs(py - qy) < 0.05 * span_y for qx, qy in placed)
+            ax.annotate(", ".join(str(v) for v in same.get("label", [])), (px, py), textcoords="offset points",
+                        xytext=(4, 5 if near else -9), fontsize=7, color="tab:green")
+            placed.append((px, py))
     arrows = {m: ("↑" if d == "maximize" else "↓") for m, d in objectives}
     ax.set_xlabel(f"{x} {arrows.get(x, '')}".strip())
     ax.set_ylabel(f"{y} {arrows.get(y, '')}".strip())
