@@ -73,6 +73,10 @@ def interval(diffs: list) -> tuple:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def _each(values: list) -> str:
+    return ", ".join(f"{x:.3f}" for x in values)
+
+
 def table(results: dict, seeds: list) -> str:
     """One row per model and question group present in the runs' metrics (the SmolLM2 run has no SFT model and one
     group): the base model, each arm's mean and per-seed values, and the paired difference with its interval."""
@@ -88,9 +92,8 @@ def table(results: dict, seeds: list) -> str:
             aug = [results["augmented"][s][key] for s in seeds]
             base = first.get("base/contains" + (f"@{group}" if group else ""), float("nan"))
             mean, lo, hi = interval([a - p for a, p in zip(aug, plain)])
-            each = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-            lines.append(f"| {model} | {group or 'all'} | {base:.3f} | {sum(plain) / len(plain):.3f} ({each(plain)}) | "
-                         f"{sum(aug) / len(aug):.3f} ({each(aug)}) | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+            lines.append(f"| {model} | {group or 'all'} | {base:.3f} | {sum(plain) / len(plain):.3f} ({_each(plain)}) | "
+                         f"{sum(aug) / len(aug):.3f} ({_each(aug)}) | {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     return "\n".join(lines)
 
 

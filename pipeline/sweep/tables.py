@@ -304,7 +304,7 @@ def _format_power(power: Optional[Dict]) -> List[str]:
     (n05, n05h), (n10, n10h) = power["needed"][0.05], power["needed"][0.10]
     return ["## What this QA set can detect", "",
             f"The per-question standard deviation of a paired difference in {power['metric']} (each question's "
-            f"difference averaged over the paired seeds; the median over the {power.get('n_sd', power['k'])} "
+            f"difference averaged over the paired seeds; the median over the {power['n_sd']} "
             f"comparisons with the baseline that differ from it at all) is {power['sd_per_question']:.3f}. With these {power['n_questions']} questions the smallest "
             f"difference detectable with {POWER:.0%} power is {power['mdd']:.3f} (two-sided {ALPHA:g}), and "
             f"{power['mdd_holm']:.3f} at Holm's first step over {power['k']} comparisons ({ALPHA:g}/{power['k']}). "
